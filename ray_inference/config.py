@@ -1,0 +1,197 @@
+"""The runtime's one YAML config: loading, ${VAR} interpolation and strict validation.
+
+Every key is declared here; an unknown key, a wrong type or an out-of-range value is a
+ConfigError whose message names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_CONFIG = "RAYINFER_CONFIG"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """A config problem a person can fix; the message is one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayPorts(_Section):
+    """Ray's own ports, pinned so a firewall can name them."""
+
+    node_manager: int = Field(6380, ge=1024, le=65535)
+    object_manager: int = Field(6381, ge=1024, le=65535)
+    runtime_env_agent: int = Field(6382, ge=1024, le=65535)
+    dashboard_agent_grpc: int = Field(6383, ge=1024, le=65535)
+    dashboard_agent_http: int = Field(52365, ge=1024, le=65535)
+    metrics_export: int = Field(6384, ge=1024, le=65535)
+    client_server: int = Field(10001, ge=1024, le=65535)
+    min_worker_port: int = Field(10002, ge=1024, le=65535)
+    max_worker_port: int = Field(10199, ge=1024, le=65535)
+
+
+class HeadConfig(_Section):
+    ray_port: int = Field(6379, ge=1024, le=65535)
+    node_ip: str | None = None
+    include_dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(8265, ge=1024, le=65535)
+    object_store_memory: int = Field(100_000_000, ge=78_643_200)
+    memory: int | None = Field(None, ge=100_000_000)
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(8000, ge=1, le=65535)
+    api_key: str | None = None
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+
+class WorkerConfig(_Section):
+    head_address: str | None = None
+    node_ip: str | None = None
+    num_cpus: int = Field(2, ge=1, le=1024)
+    num_gpus: int | Literal["auto"] = "auto"
+    replicas: int = Field(1, ge=1, le=64)
+    object_store_memory: int = Field(200_000_000, ge=78_643_200)
+    memory: int | None = Field(None, ge=100_000_000)
+    models: list[str] = Field(default_factory=lambda: ["smollm2"], min_length=1)
+    register_interval_s: float = Field(10.0, gt=0, le=3600)
+    drain_timeout_s: float = Field(120.0, gt=0, le=86_400)
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _gpus_not_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be >= 0 or 'auto'")
+        return value
+
+
+class EngineConfig(_Section):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    max_queue: int = Field(256, ge=1, le=1_000_000)
+    max_tokens_in_flight: int = Field(65_536, ge=64)
+    default_max_tokens: int = Field(128, ge=1)
+    torch_threads: int | None = Field(None, ge=1, le=1024)
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_prompts: bool = True
+    prompt_chars: int = Field(60, ge=0, le=10_000)
+    format: Literal["text", "json"] = "text"
+    events: int = Field(500, ge=10, le=100_000)
+
+
+class RouterConfig(_Section):
+    max_attempts: int = Field(3, ge=1, le=10)
+    request_timeout_s: float = Field(600.0, gt=0)
+
+
+class Config(_Section):
+    namespace: str = "rayinfer"
+    ports: RayPorts = Field(default_factory=RayPorts)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+def interpolate(value: Any, env: dict[str, str] | None = None, where: str = "") -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string of a parsed YAML tree."""
+    env = os.environ if env is None else env
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: environment variable {name} is not set (write ${{{name}:-default}} "
+                          "for an optional one)")
+
+    replaced = _VAR.sub(substitute, value)
+    if _VAR.fullmatch(value):
+        return _scalar(replaced)
+    return replaced
+
+
+def _scalar(text: str) -> Any:
+    """Type a whole-value substitution the way a person means it: "" is unset, "2" is 2."""
+    if text == "":
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{where}: unknown key (check the spelling; see config/laptop.yaml for every key)"
+    value = error.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    return f"{where}: {shown} is not allowed: {error['msg']}"
+
+
+def from_dict(data: dict[str, Any] | None, env: dict[str, str] | None = None) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping of sections, not {type(data).__name__}")
+    data = interpolate(data, env)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(problems) from None
+
+
+def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Config:
+    """Load a config file (or $RAYINFER_CONFIG, or the built-in defaults when neither is set)."""
+    env_map = os.environ if env is None else env
+    path = path or env_map.get(ENV_CONFIG)
+    if not path:
+        return from_dict({}, env)
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {file} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {file} cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {file} is not valid YAML{at}") from None
+    try:
+        return from_dict(data, env)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
