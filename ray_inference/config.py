@@ -26,18 +26,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class RayPorts(_Section):
-    """Ray's own ports, pinned so a firewall can name them."""
+_PORT = {"ge": 0, "le": 65535}
 
-    node_manager: int = Field(6380, ge=1024, le=65535)
-    object_manager: int = Field(6381, ge=1024, le=65535)
-    runtime_env_agent: int = Field(6382, ge=1024, le=65535)
-    dashboard_agent_grpc: int = Field(6383, ge=1024, le=65535)
-    dashboard_agent_http: int = Field(52365, ge=1024, le=65535)
-    metrics_export: int = Field(6384, ge=1024, le=65535)
-    client_server: int = Field(10001, ge=1024, le=65535)
-    min_worker_port: int = Field(10002, ge=1024, le=65535)
-    max_worker_port: int = Field(10199, ge=1024, le=65535)
+
+class RayPorts(_Section):
+    """Ray's own ports, pinned so a firewall can name them (0: Ray picks, for one-host tests)."""
+
+    node_manager: int = Field(6380, **_PORT)
+    object_manager: int = Field(6381, **_PORT)
+    runtime_env_agent: int = Field(6382, **_PORT)
+    dashboard_agent_grpc: int = Field(6383, **_PORT)
+    dashboard_agent_http: int = Field(52365, **_PORT)
+    metrics_export: int = Field(6384, **_PORT)
+    client_server: int = Field(10001, **_PORT)
+    min_worker_port: int = Field(10002, **_PORT)
+    max_worker_port: int = Field(10199, **_PORT)
 
 
 class HeadConfig(_Section):
@@ -51,6 +54,7 @@ class HeadConfig(_Section):
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(8000, ge=1, le=65535)
     api_key: str | None = None
+    max_in_flight: int = Field(1024, ge=1, le=1_000_000)
 
     @field_validator("api_key")
     @classmethod

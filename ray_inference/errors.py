@@ -66,3 +66,9 @@ class NoWorkerAvailable(RayInferError):
 
 class ModelLoadError(RayInferError):
     """A model could not be found or loaded; the message says where to put the files."""
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The error an actor raised, without Ray's RayTaskError wrapper (and its traceback text)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, RayInferError) else exc

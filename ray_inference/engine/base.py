@@ -1,0 +1,239 @@
+"""What every engine shares: bounded admission, a worker thread, streams and counters.
+
+Callers submit from any thread (an asyncio actor, a benchmark loop); the engine thread owns the
+model and the batch, and pushes Chunks into each request's RequestStream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ray_inference.engine.types import Chunk, GenerationRequest
+from ray_inference.errors import ContextLengthExceeded, InvalidRequest, Overloaded
+
+log = logging.getLogger(__name__)
+_END = object()
+
+
+class RequestStream:
+    """Chunks of one request, readable with `for` (threads) or `async for` (an event loop)."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None):
+        self.request_id = request_id
+        self._loop = loop
+        self._queue: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop else queue.SimpleQueue()
+        self.finished = False
+
+    def push(self, item: Chunk | BaseException) -> None:
+        """Called by the engine thread."""
+        if self._loop is not None:
+            # A closed loop means the reader is gone: nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        else:
+            self._queue.put(item)
+
+    def _accept(self, item: Any) -> Chunk:
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finish_reason is not None:
+            self.finished = True
+        return item
+
+    def __iter__(self):
+        while not self.finished:
+            yield self._accept(self._queue.get())
+
+    async def __aiter__(self):
+        while not self.finished:
+            yield self._accept(await self._queue.get())
+
+
+@dataclass
+class Pending:
+    """A validated request waiting for (or holding) a place in the batch."""
+
+    request: GenerationRequest
+    stream: RequestStream
+    prompt_ids: list[int]
+    max_new: int
+    submitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float = 0.0
+
+    @property
+    def budget(self) -> int:
+        return len(self.prompt_ids) + len(self.request.resume_ids) + self.max_new
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    tokens: int = 0
+    requests: int = 0
+    max_batch: int = 0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "tokens": self.tokens, "requests": self.requests,
+                "max_batch": self.max_batch, "batch_sizes": dict(self.batch_sizes)}
+
+
+class Engine:
+    """Base class: subclasses implement `prepare_prompt` and `step`."""
+
+    def __init__(self, loaded, config):
+        self.loaded = loaded
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.stats = EngineStats()
+        self._waiting: collections.deque[Pending] = collections.deque()
+        self._running: list[Pending] = []
+        self._cancelled: set[str] = set()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{loaded.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    # ---- called from any thread -------------------------------------------------------
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None
+               ) -> RequestStream:
+        """Validate and queue; raises InvalidRequest/Overloaded at once, never later."""
+        prompt_ids = self.prepare_prompt(request)
+        max_new = self._max_new_tokens(request, len(prompt_ids) + len(request.resume_ids))
+        pending = Pending(request, RequestStream(request.request_id, loop), prompt_ids, max_new)
+        if pending.budget > self.config.max_tokens_in_flight:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_new}) exceeds this "
+                f"worker's engine.max_tokens_in_flight ({self.config.max_tokens_in_flight})",
+                "max_tokens")
+        with self._wake:
+            if self._stopping:
+                raise Overloaded("this engine is shutting down", retry_after=1.0)
+            if len(self._waiting) >= self.config.max_queue:
+                raise Overloaded(f"{len(self._waiting)} requests are already waiting for "
+                                 f"model {self.loaded.name}; retry shortly", retry_after=1.0)
+            self._waiting.append(pending)
+            self._wake.notify()
+        return pending.stream
+
+    def cancel(self, request_id: str) -> None:
+        with self._wake:
+            self._cancelled.add(request_id)
+            self._wake.notify()
+
+    def load(self) -> dict[str, int]:
+        with self._wake:
+            return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # ---- shared helpers for subclasses -------------------------------------------------
+    def prepare_prompt(self, request: GenerationRequest) -> list[int]:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def _max_new_tokens(self, request: GenerationRequest, prompt_len: int) -> int:
+        context = self.loaded.context_length
+        if prompt_len >= context:
+            raise ContextLengthExceeded(
+                f"the prompt has {prompt_len} tokens; model {self.loaded.name}'s context is "
+                f"{context} tokens", "messages")
+        room = context - prompt_len
+        if request.max_tokens is None:
+            return max(1, min(self.config.default_max_tokens, room) - len(request.resume_ids))
+        if request.max_tokens <= 0:
+            raise InvalidRequest("max_tokens must be at least 1", "max_tokens")
+        if request.max_tokens > room + len(request.resume_ids):
+            raise ContextLengthExceeded(
+                f"prompt ({prompt_len} tokens) plus max_tokens ({request.max_tokens}) exceeds "
+                f"model {self.loaded.name}'s context of {context} tokens", "max_tokens")
+        return max(1, request.max_tokens - len(request.resume_ids))
+
+    def _render(self, request: GenerationRequest) -> tuple[str, bool]:
+        """The prompt text, and whether special tokens must still be added by the tokenizer."""
+        if request.messages:
+            if self.loaded.has_chat_template:
+                text = self.tokenizer.apply_chat_template(
+                    request.messages, tokenize=False, add_generation_prompt=True)
+                return text, False
+            lines = [f"{m['role']}: {m['content']}" for m in request.messages]
+            return "\n".join([*lines, "assistant:"]), True
+        if request.prompt is None or not request.prompt.strip():
+            raise InvalidRequest("the prompt is empty", "prompt")
+        return request.prompt, True
+
+    def _take_waiting(self, limit: int, budget_left: int) -> list[Pending]:
+        taken: list[Pending] = []
+        with self._wake:
+            while self._waiting and len(taken) < limit:
+                if self._waiting[0].budget > budget_left and (taken or self._running):
+                    break
+                pending = self._waiting.popleft()
+                if pending.request.request_id in self._cancelled:
+                    self._cancelled.discard(pending.request.request_id)
+                    pending.stream.push(Chunk(pending.request.request_id, finish_reason="cancelled"))
+                    continue
+                budget_left -= pending.budget
+                taken.append(pending)
+        now = time.perf_counter()
+        for pending in taken:
+            pending.started_at = now
+        return taken
+
+    def _take_cancelled(self) -> set[str]:
+        with self._wake:
+            cancelled, self._cancelled = self._cancelled, set()
+        return cancelled
+
+    def _finish(self, pending: Pending, reason: str, text: str = "", tokens: list[int] | None = None,
+                completion_tokens: int = 0) -> None:
+        now = time.perf_counter()
+        self.stats.requests += 1
+        pending.stream.push(Chunk(
+            pending.request.request_id, text=text, token_ids=tokens or [], finish_reason=reason,
+            prompt_tokens=len(pending.prompt_ids), completion_tokens=completion_tokens,
+            queue_s=pending.started_at - pending.submitted_at,
+            generation_s=now - pending.started_at, batch_size=len(self._running)))
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._wake.wait()
+                if self._stopping and not self._waiting and not self._running:
+                    return
+            try:
+                with torch.inference_mode():
+                    self.step()
+            except Exception as exc:  # a failed step must not leave callers waiting forever
+                log.exception("engine step failed")
+                self._fail_all(exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self._wake:
+            victims = self._running + list(self._waiting)
+            self._running, self._waiting = [], collections.deque()
+        for pending in victims:
+            pending.stream.push(RuntimeError(f"the engine failed: {exc}"))
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget batch state after a failure (subclasses drop their caches)."""

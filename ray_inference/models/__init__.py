@@ -1,0 +1,1 @@
+"""Finding models on disk (registry) and loading them onto a device (loader)."""

@@ -1,0 +1,1 @@
+"""What runs on each node: the head (coordinator + gateway) and the worker agent."""

@@ -1,0 +1,126 @@
+"""`rayinfer worker`: join the cluster, load models into pinned actors, register, drain.
+
+The agent keeps the registration alive (so a restarted coordinator learns about this worker
+again) and on SIGTERM drains: the coordinator stops routing here, in-flight requests finish,
+then the actors are deregistered and stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import ray
+
+from ray_inference import logs
+from ray_inference.config import Config, ConfigError, load
+from ray_inference.node import deploy, ray_process
+from ray_inference.node.banner import show
+
+log = logging.getLogger("ray_inference.worker")
+
+
+class WorkerAgent:
+    def __init__(self, config: Config, node_id: str, num_gpus: int = 0):
+        self.config = config
+        self.node_id = node_id
+        self.num_gpus = num_gpus
+        self.handles: list[Any] = []
+        self.infos: list[dict[str, Any]] = []
+        self.labels: dict[str, str] = {}
+        self._stop = threading.Event()
+
+    @property
+    def actor_ids(self) -> list[str]:
+        return [i["actor_id"] for i in self.infos]
+
+    def start(self) -> None:
+        self.handles = deploy.start_inference_actors(self.config, self.node_id, self.num_gpus)
+        self.infos = deploy.wait_ready(self.handles)
+        self.register(wait=True)
+
+    def _coordinator(self, wait: bool):
+        delay = 0.5
+        while True:
+            try:
+                return deploy.find_coordinator(self.config.namespace)
+            except ValueError:
+                if not wait or self._stop.is_set():
+                    raise
+                logs.event(log, "waiting for the coordinator", retry_in_s=delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+
+    def register(self, wait: bool = False) -> None:
+        coordinator = self._coordinator(wait)
+        self.labels = deploy.register(coordinator, self.handles, self.infos)
+
+    def keep_registered(self) -> None:
+        """Renew the registration until stopped; re-finds a coordinator that was re-created."""
+        while not self._stop.wait(self.config.worker.register_interval_s):
+            try:
+                self.register(wait=False)
+            except Exception as exc:  # the head may be restarting: try again next round
+                logs.event(log, "registration renewal failed", error=str(exc).splitlines()[0])
+
+    def in_flight(self) -> int:
+        loads = ray.get([h.describe.remote() for h in self.handles], timeout=30)
+        return sum(load["running"] + load["waiting"] for load in loads)
+
+    def drain(self) -> int:
+        """Stop new traffic, wait for in-flight requests, deregister, stop the actors."""
+        self._stop.set()
+        coordinator = deploy.find_coordinator(self.config.namespace)
+        ray.get(coordinator.set_draining.remote(self.actor_ids), timeout=30)
+        logs.event(log, "draining", actors=len(self.handles))
+        deadline = time.monotonic() + self.config.worker.drain_timeout_s
+        remaining = self.in_flight()
+        while remaining and time.monotonic() < deadline:
+            time.sleep(0.2)
+            remaining = self.in_flight()
+        ray.get(coordinator.deregister.remote(self.actor_ids), timeout=30)
+        for handle in self.handles:
+            ray.kill(handle)
+        logs.event(log, "drained", abandoned=remaining)
+        return remaining
+
+
+def run_worker(config_path: str | None = None, head_address: str | None = None) -> None:
+    config = load(config_path)
+    logs.setup(config.logging.level, config.logging.format)
+    head = head_address or config.worker.head_address
+    if not head:
+        raise ConfigError("no head address: pass --head HOST:PORT or set worker.head_address "
+                          "(RAY_HEAD_ADDRESS)")
+    num_gpus = deploy.detect_gpus(config.worker.num_gpus)
+    ray_process.run(ray_process.worker_command(config, head, num_gpus))
+    try:
+        ray.init(address="auto", namespace=config.namespace, log_to_driver=True,
+                 logging_level="WARNING", _node_ip_address=config.worker.node_ip)
+        agent = WorkerAgent(config, ray.get_runtime_context().get_node_id(), num_gpus)
+        stopping = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+        signal.signal(signal.SIGINT, lambda *_: stopping.set())
+        agent.start()
+        show("WORKER NODE READY", {
+            "joined": head,
+            "node": f"{agent.labels.get(agent.actor_ids[0], '?')} ({socket.gethostname()}, "
+                    f"{ray.util.get_node_ip_address()})",
+            "resources": f"{config.worker.num_cpus} CPU, {num_gpus} GPU",
+            "actors": ", ".join(f"{i['model']} on {i['device']} ({i['dtype']}, "
+                                f"{i['rss_bytes'] // 2**20} MB)" for i in agent.infos),
+            "next": "requests arrive through the head's gateway",
+        })
+        renewer = threading.Thread(target=agent.keep_registered, daemon=True)
+        renewer.start()
+        while not stopping.wait(1.0):
+            if not ray.is_initialized():
+                break
+        agent.drain()
+    finally:
+        ray.shutdown()
+        ray_process.stop()

@@ -1,0 +1,148 @@
+"""The gateway over real HTTP, in front of a real Ray cluster with tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.cluster
+MODEL = "tiny-llama"
+
+
+def chat(url, **body):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello world"}],
+            "max_tokens": 8, "temperature": 0, **body}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+
+
+def test_chat_completion_says_who_answered(gateway_url):
+    response = chat(gateway_url)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert body["usage"]["completion_tokens"] >= 1
+    served = body["rayinfer"]
+    assert served["node_label"].startswith("Worker Node #")
+    assert served["model"] == MODEL and served["actor_id"]
+    assert response.headers["x-request-id"] in body["id"]
+
+
+def test_request_id_header_is_echoed(gateway_url):
+    response = chat(gateway_url, max_tokens=2)
+    assert response.headers["x-request-id"]
+    mine = httpx.get(f"{gateway_url}/v1/models", headers={"X-Request-ID": "abc-123"})
+    assert mine.headers["x-request-id"] == "abc-123"
+
+
+def test_streaming_chat_ends_with_done(gateway_url):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "red blue"}],
+            "max_tokens": 6, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 6
+    assert chunks[-1]["rayinfer"]["node_label"].startswith("Worker Node #")
+    streamed = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
+    whole = chat(gateway_url, messages=[{"role": "user", "content": "red blue"}], max_tokens=6)
+    assert streamed == whole.json()["choices"][0]["message"]["content"]
+
+
+def test_text_completion(gateway_url):
+    r = httpx.post(f"{gateway_url}/v1/completions", json={
+        "model": MODEL, "prompt": "the cat", "max_tokens": 5, "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion"
+    assert body["usage"]["completion_tokens"] == 5
+
+
+def test_models_and_cluster_views(gateway_url, cluster):
+    models = httpx.get(f"{gateway_url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    view = httpx.get(f"{gateway_url}/v1/cluster").json()
+    roles = [n["role"] for n in view["nodes"]]
+    assert roles.count("head") == 1 and roles.count("worker") >= 2
+    head = next(n for n in view["nodes"] if n["role"] == "head")
+    assert head["label"] == "Head Node" and head["actors"] == 0
+    assert head["resources"].get("CPU", 0) == 0
+    assert view["totals"]["actors"] == len(view["actors"]) >= 2
+    assert {a["node_label"] for a in view["actors"]} >= {"Worker Node #1", "Worker Node #2"}
+
+
+def test_health_and_metrics(gateway_url):
+    health = httpx.get(f"{gateway_url}/health")
+    assert health.status_code == 200 and health.json()["ready"] >= 2
+    chat(gateway_url, max_tokens=2)
+    text = httpx.get(f"{gateway_url}/metrics").text
+    for name in ("rayinfer_requests_total", "rayinfer_time_to_first_token_seconds_bucket",
+                 "rayinfer_inter_token_latency_seconds_bucket",
+                 "rayinfer_e2e_request_latency_seconds_bucket",
+                 "rayinfer_generation_tokens_total", "rayinfer_actors",
+                 "rayinfer_actor_outstanding_requests"):
+        assert name in text, name
+    assert 'rayinfer_requests_total{endpoint="/v1/chat/completions",model="tiny-llama",' \
+           'status="200"}' in text
+
+
+BAD_REQUESTS = [
+    ("malformed json", "{not json", 400, "not valid JSON"),
+    ("no messages", {"model": MODEL}, 400, "messages is required"),
+    ("empty messages", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("empty content", {"model": MODEL, "messages": [{"role": "user", "content": "  "}]}, 400,
+     "empty"),
+    ("bad role", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400,
+     "role"),
+    ("string max_tokens", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                           "max_tokens": "5"}, 400, "max_tokens"),
+    ("zero max_tokens", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                         "max_tokens": 0}, 400, "max_tokens"),
+    ("huge max_tokens", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                         "max_tokens": 10**6}, 400, "context"),
+    ("hot temperature", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                         "temperature": 3}, 400, "temperature"),
+    ("top_p zero", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                    "top_p": 0}, 400, "top_p"),
+    ("n=2", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400,
+     "n"),
+    ("long prompt", {"model": MODEL, "messages": [
+        {"role": "user", "content": "hello " * 400}]}, 400, "context"),
+    ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404,
+     "gpt-9"),
+    ("array body", [1, 2, 3], 400, ""),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "status", "needle"), BAD_REQUESTS,
+                         ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_clear_errors(gateway_url, name, body, status, needle):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{gateway_url}/v1/chat/completions", content=content,
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert needle.lower() in error["message"].lower()
+    # ...and the cluster still answers normally afterwards.
+    assert chat(gateway_url, max_tokens=2).status_code == 200
+
+
+def test_concurrent_requests_share_batches(gateway_url, cluster):
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: chat(gateway_url, max_tokens=24, temperature=0.8,
+                                               seed=i), range(16)))
+    assert all(r.status_code == 200 for r in results)
+    batch_sizes = [r.json()["rayinfer"]["batch_size"] for r in results]
+    assert max(batch_sizes) > 1
+    nodes = {r.json()["rayinfer"]["node_label"] for r in results}
+    assert len(nodes) == 2, "least-loaded routing should use both workers"
