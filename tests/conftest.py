@@ -29,7 +29,7 @@ def tiny_llama(model_dir) -> str:
     return f"tiny-llama={model_dir / 'tiny-llama'}"
 
 
-def test_config(models: list[str], **engine):
+def make_config(models: list[str], **engine):
     from ray_inference import config
 
     return config.from_dict({
@@ -63,17 +63,16 @@ class LocalCluster:
         self.workers: list[dict] = []
 
     def add_worker(self, config=None):
-        from ray_inference.node import deploy
+        """A worker node whose actors are created and registered by the real WorkerAgent."""
+        from ray_inference.node.worker import WorkerAgent
 
         config = config or self.config
         node = self.cluster.add_node(num_cpus=config.worker.num_cpus, num_gpus=0)
         self.cluster.wait_for_nodes()
-        handles = deploy.start_inference_actors(config, node.node_id)
-        infos = deploy.wait_ready(handles)
-        deploy.register(self.coordinator, handles, infos)
-        worker = {"node": node, "handles": handles, "infos": infos}
-        self.workers.append(worker)
-        return worker
+        agent = WorkerAgent(config, node.node_id)
+        agent.start()
+        self.workers.append((node, agent))
+        return node, agent
 
     def shutdown(self):
         import ray
@@ -84,7 +83,7 @@ class LocalCluster:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_llama):
-    local = LocalCluster(test_config([tiny_llama]))
+    local = LocalCluster(make_config([tiny_llama]))
     local.add_worker()
     local.add_worker()
     yield local

@@ -1,0 +1,127 @@
+"""Cluster behaviour on a real Ray cluster: placement, joining, draining, node failure."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import ray
+
+from ray_inference.router import Router
+from tests.conftest import LocalCluster, make_config
+
+pytestmark = pytest.mark.cluster
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def resilient(tiny_llama):
+    local = LocalCluster(make_config([tiny_llama]))
+    local.add_worker()
+    local.add_worker()
+    yield local
+    local.shutdown()
+
+
+def run_requests(count: int, max_tokens: int = 40, during=None) -> list:
+    """Send `count` concurrent requests through the real router; run `during()` meanwhile."""
+    router = Router("rayinfer", max_attempts=3)
+
+    async def one(i):
+        return await router.complete(MODEL, {"prompt": "hello world the cat", "temperature": 0,
+                                             "max_tokens": max_tokens, "request_id": f"r{i}"})
+
+    async def main():
+        tasks = [asyncio.create_task(one(i)) for i in range(count)]
+        if during is not None:
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(during)
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    return asyncio.run(main())
+
+
+def head_node_id() -> str:
+    from ray_inference import HEAD_RESOURCE
+
+    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and HEAD_RESOURCE in n["Resources"])
+
+
+def test_answers_come_from_workers_never_the_head(resilient):
+    results = run_requests(8, max_tokens=4)
+    head = head_node_id()
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert {r["route"]["node_id"] for r in results}.isdisjoint({head})
+    assert all(r["route"]["node_label"].startswith("Worker Node #") for r in results)
+
+
+def test_head_runs_no_model(resilient):
+    from ray.util.state import list_actors
+
+    head = head_node_id()
+    on_head = list_actors(filters=[("node_id", "=", head), ("state", "=", "ALIVE")])
+    assert [a.class_name for a in on_head] == ["Coordinator"]
+    actors = ray.get(resilient.coordinator.actors.remote())
+    assert actors and all(a["node_id"] != head for a in actors)
+    # The coordinator's process holds no torch model (it never imports the engine).
+    assert ray.get(resilient.coordinator.health.remote())["actors"] == len(actors)
+
+
+def test_identical_greedy_answers_across_workers(resilient):
+    results = run_requests(6, max_tokens=10)
+    assert len({r["text"] for r in results}) == 1
+
+
+def test_third_worker_joins_and_gets_traffic(resilient):
+    _, agent = resilient.add_worker()
+    new_actor = agent.actor_ids[0]
+    assert agent.labels[new_actor] == "Worker Node #3"
+    results = run_requests(24, max_tokens=30)
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert new_actor in {r["route"]["actor_id"] for r in results}
+
+
+def test_draining_worker_finishes_in_flight_requests(resilient):
+    node, agent = resilient.workers[-1]
+    abandoned = []
+    results = run_requests(16, max_tokens=60, during=lambda: abandoned.append(agent.drain()))
+    assert abandoned == [0]
+    failures = [r for r in results if isinstance(r, Exception)]
+    assert failures == []
+    # Greedy decoding: every request, drained or not, produced the same complete answer.
+    assert len({(r["text"], r["completion_tokens"]) for r in results}) == 1
+    remaining = {a["actor_id"] for a in ray.get(resilient.coordinator.actors.remote())}
+    assert not remaining & set(agent.actor_ids)
+    resilient.cluster.remove_node(node)
+    resilient.workers.pop()
+
+
+def test_killed_node_loses_no_request(resilient):
+    node, agent = resilient.workers[0]
+    victims = set(agent.actor_ids)
+    killed = threading.Event()
+
+    def kill():
+        # Wait until the victim is actually serving some of the requests, then crash its node.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            loads = {a["actor_id"]: a["load"] for a in ray.get(resilient.coordinator.actors.remote())}
+            if any(loads.get(v, 0) for v in victims):
+                break
+            time.sleep(0.05)
+        resilient.cluster.remove_node(node, allow_graceful=False)
+        killed.set()
+
+    results = run_requests(16, max_tokens=80, during=kill)
+    assert killed.is_set()
+    failures = [r for r in results if isinstance(r, Exception)]
+    assert failures == [], failures
+    # Resumed requests continue from the tokens already sent: answers are identical.
+    assert len({(r["text"], r["completion_tokens"]) for r in results}) == 1
+    moved = [r for r in results if r["retries"]]
+    assert moved, "some requests were on the killed node and must have been retried"
+    assert all(r["route"]["actor_id"] not in victims for r in moved)
+    events = [e["event"] for e in ray.get(resilient.coordinator.events.remote(200))]
+    assert "request retried" in events
