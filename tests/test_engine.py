@@ -1,0 +1,157 @@
+"""The engine alone (no Ray, no HTTP) on tiny models of every task type."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from ray_inference.config import EngineConfig
+from ray_inference.engine import GenerationRequest, create_engine
+from ray_inference.engine.text import TextTracker
+from ray_inference.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, Overloaded
+from ray_inference.models import loader, registry
+
+
+def load(model_dir, name, **engine):
+    loaded = loader.load(registry.resolve(f"{name}={model_dir / name}"), "float32")
+    return loaded, create_engine(loaded, EngineConfig(**engine))
+
+
+def run(engine, **request) -> list:
+    return list(engine.submit(GenerationRequest(**request)))
+
+
+def reference(loaded, prompt: str, max_new: int) -> list[int]:
+    ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                do_sample=False, eos_token_id=None)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_batched_greedy_matches_one_at_a_time_generate(model_dir, name):
+    loaded, engine = load(model_dir, name)
+    engine._eos = set()  # compare raw token streams with generate's
+    prompts = ["hello world", "what is the capital of france ?", "red", "the cat is a dog of no"]
+    streams = [engine.submit(GenerationRequest(prompt=p, temperature=0, max_tokens=12))
+               for p in prompts]
+    outputs = [[t for c in s for t in c.token_ids] for s in streams]
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output == reference(loaded, prompt, 12)
+    assert engine.stats.max_batch > 1
+    engine.shutdown()
+
+
+def test_requests_join_a_running_batch(model_dir):
+    loaded, engine = load(model_dir, "tiny-llama")
+    engine._eos = set()
+    first = engine.submit(GenerationRequest(prompt="hello", temperature=0, max_tokens=60))
+    started = next(iter(first))
+    assert started.token_ids
+    late = run(engine, prompt="red blue green", temperature=0, max_tokens=5)
+    rest = list(first)
+    assert late[-1].finish_reason == "length" and rest[-1].finish_reason == "length"
+    assert late[-1].batch_size == 2  # it ran beside the long request
+    assert [t for c in late for t in c.token_ids] == reference(loaded, "red blue green", 5)
+    engine.shutdown()
+
+
+def test_seeded_sampling_is_reproducible_and_per_request(model_dir):
+    _, engine = load(model_dir, "tiny-llama")
+    def text(seed):
+        return "".join(c.text for c in run(engine, prompt="hello", temperature=1.5, seed=seed,
+                                           max_tokens=16))
+    assert text(7) == text(7)
+    assert len({text(s) for s in range(6)}) > 1
+    engine.shutdown()
+
+
+def test_stop_strings_cut_the_text(model_dir):
+    _, engine = load(model_dir, "tiny-llama")
+    engine._eos = set()
+    free = "".join(c.text for c in run(engine, prompt="hello", temperature=0, max_tokens=20))
+    word = free.split()[2]
+    chunks = run(engine, prompt="hello", temperature=0, max_tokens=20, stop=[word])
+    text = "".join(c.text for c in chunks)
+    assert word not in text and free.startswith(text)
+    assert chunks[-1].finish_reason == "stop"
+    engine.shutdown()
+
+
+def test_cancel_frees_the_slot(model_dir):
+    _, engine = load(model_dir, "tiny-llama")
+    engine._eos = set()
+    stream = engine.submit(GenerationRequest(prompt="hello", temperature=0, max_tokens=200,
+                                             request_id="gone"))
+    next(iter(stream))
+    engine.cancel("gone")
+    assert list(stream)[-1].finish_reason == "cancelled"
+    assert engine.load() == {"running": 0, "waiting": 0}
+    engine.shutdown()
+
+
+def test_limits_are_enforced_up_front(model_dir):
+    _, engine = load(model_dir, "tiny-llama", max_queue=1, max_tokens_in_flight=300)
+    with pytest.raises(ContextLengthExceeded):
+        engine.submit(GenerationRequest(prompt="hello " * 300))
+    with pytest.raises(ContextLengthExceeded):
+        engine.submit(GenerationRequest(prompt="hello", max_tokens=1000))
+    with pytest.raises(InvalidRequest):
+        engine.submit(GenerationRequest(prompt="   "))
+    gate = threading.Event()
+    original = engine.step
+    engine.step = lambda: (gate.wait(), original())  # hold the engine so the queue fills
+    waiting = engine.submit(GenerationRequest(prompt="hello", max_tokens=2))
+    with pytest.raises(Overloaded, match="already waiting"):
+        engine.submit(GenerationRequest(prompt="hello", max_tokens=2))
+    gate.set()
+    assert list(waiting)[-1].finish_reason in ("stop", "length")  # the queued one still runs
+    engine.shutdown()
+
+
+def test_text2text_and_fill_mask(model_dir):
+    loaded, engine = load(model_dir, "tiny-t5")
+    assert loaded.task == "text2text"
+    streams = [engine.submit(GenerationRequest(prompt=p, max_tokens=6)) for p in ("hello", "red blue")]
+    finals = [list(s)[-1] for s in streams]
+    assert all(f.completion_tokens <= 6 and f.text for f in finals)
+    assert max(f.batch_size for f in finals) >= 1
+    engine.shutdown()
+    loaded, engine = load(model_dir, "tiny-bert")
+    assert loaded.task == "fill-mask"
+    final = run(engine, prompt="the capital of france is [MASK] .")[-1]
+    assert final.text.startswith("the capital of france is") and "[MASK]" not in final.text
+    with pytest.raises(InvalidRequest, match="mask token"):
+        engine.submit(GenerationRequest(prompt="no mask"))
+    engine.shutdown()
+
+
+class _WordTokenizer:
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_text_tracker_holds_back_possible_stop_prefixes():
+    tracker = TextTracker(_WordTokenizer(["Hel", "lo ", "EN", "D", "x"]), stop=["END"])
+    assert tracker.add(0) == "Hel"
+    assert tracker.add(1) == "lo "
+    assert tracker.add(2) == ""  # "EN" could become "END"
+    assert tracker.add(3) == "" and tracker.stopped
+    assert tracker.flush() == ""
+
+
+def test_unknown_and_missing_models_say_what_to_do(tmp_path):
+    with pytest.raises(ModelLoadError, match="unknown model 'nonsense'"):
+        registry.resolve("nonsense")
+    with pytest.raises(ModelLoadError, match="never downloaded"):
+        registry.resolve("gpt2-medium")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        registry.resolve(f"x={tmp_path / 'missing'}")
+    with pytest.raises(ModelLoadError, match="neither a config.json"):
+        registry.resolve(f"x={tmp_path}")
+    assert registry.resolve("smollm2").gguf_file.endswith(".gguf")
