@@ -152,6 +152,6 @@ def test_unknown_and_missing_models_say_what_to_do(tmp_path):
         registry.resolve("gpt2-medium")
     with pytest.raises(ModelLoadError, match="does not exist"):
         registry.resolve(f"x={tmp_path / 'missing'}")
-    with pytest.raises(ModelLoadError, match="neither a config.json"):
+    with pytest.raises(ModelLoadError, match=r"neither a config\.json"):
         registry.resolve(f"x={tmp_path}")
     assert registry.resolve("smollm2").gguf_file.endswith(".gguf")
