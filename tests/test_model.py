@@ -1,0 +1,65 @@
+"""The real SmolLM2-135M-Instruct end to end: Ray cluster, gateway, OpenAI client and CLI."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Gateway, LocalCluster, make_config
+
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
+QUESTION = "What is the capital of France?"
+RAYINFER = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "rayinfer")
+
+
+@pytest.fixture(scope="module")
+def smollm2_url():
+    local = LocalCluster(make_config(["smollm2"]))
+    local.add_worker()
+    local.add_worker()
+    server = Gateway()
+    yield server.url
+    server.stop()
+    local.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(smollm2_url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{smollm2_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_client_chat_answers_paris_from_a_worker(client):
+    reply = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": QUESTION}], temperature=0,
+        max_tokens=40)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.usage.completion_tokens > 0
+    served = reply.model_extra["rayinfer"]
+    assert served["node_label"].startswith("Worker Node #")
+
+
+def test_openai_client_streaming_and_models(client):
+    stream = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": QUESTION}], temperature=0,
+        max_tokens=40, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    assert "Paris" in text
+    assert [m.id for m in client.models.list()] == ["smollm2"]
+
+
+def test_openai_client_text_completion(client):
+    reply = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                      max_tokens=8, temperature=0)
+    assert "Paris" in reply.choices[0].text
+
+
+def test_cli_ask_prints_paris_and_the_worker(smollm2_url):
+    done = subprocess.run([RAYINFER, "--url", smollm2_url, "ask", "--temperature", "0", QUESTION],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+    assert "Worker Node #" in done.stderr
