@@ -441,3 +441,35 @@ def worker(config_path: str | None, head_address: str | None) -> None:
         run_worker(config_path, head_address)
 
     _run_node(start)
+
+
+# ---- benchmarks ----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Prompts in flight at once (and the static batch size of variant b).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Tokens generated per prompt (end-of-sequence ignored).")
+@click.option("--sequential", type=click.IntRange(min=1), default=4, show_default=True,
+              help="How many prompts variant (a) runs one at a time (it is slow).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the results as JSON here.")
+def bench(concurrency: int, max_tokens: int, sequential: int, seed: int, out: str | None) -> None:
+    """Offline benchmark of SmolLM2 in this process: HF one at a time (a), HF static batches
+    (b) and the rayinfer engine (c), side by side on the same prompts, with ratios.
+
+    \b
+    Example:
+        rayinfer bench -c 64 --max-tokens 64 --out benchmarks/results/cpu.json
+    """
+    from pathlib import Path
+
+    from ray_inference.bench.offline import run
+
+    run(concurrency, max_tokens, sequential, seed, Path(out) if out else None, echo=out_echo)
+
+
+def out_echo(line: str) -> None:
+    click.echo(line)

@@ -166,7 +166,7 @@ class CausalEngine(Engine):
                 row.first_token_at = now
             reason = None
             delta = ""
-            if token in self._eos:
+            if token in self._eos and not pending.request.ignore_eos:
                 reason = "stop"
             else:
                 row.generated.append(token)
@@ -182,7 +182,7 @@ class CausalEngine(Engine):
                 keep.append(i)
                 continue
             delta += row.text.flush()
-            ids = [token] if token not in self._eos else []
+            ids = [] if reason == "stop" and token in self._eos else [token]
             self._finish(pending, reason, delta, ids,
                          len(row.generated) + len(pending.request.resume_ids))
         return keep

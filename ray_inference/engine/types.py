@@ -20,6 +20,8 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # Keep going past end-of-sequence (benchmarks: every variant makes the same token count).
+    ignore_eos: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Tokens already sent to the client by an actor that died: generation resumes after them.
     resume_ids: list[int] = field(default_factory=list)

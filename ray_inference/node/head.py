@@ -32,14 +32,16 @@ def serve_gateway(config: Config) -> None:
 def run_head(config_path: str | None = None) -> None:
     config = load(config_path)
     logs.setup(config.logging.level, config.logging.format)
-    ray_process.run(ray_process.head_command(config))
+    node = ray_process.RayNode(ray_process.head_command(config))
+    node.start()
     try:
         import ray
 
         from ray_inference.node import deploy
 
-        ray.init(address="auto", namespace=config.namespace, log_to_driver=False,
-                 logging_level="WARNING")
+        ray.init(address=f"{config.head.node_ip or '127.0.0.1'}:{config.head.ray_port}",
+                 namespace=config.namespace, log_to_driver=False, logging_level="WARNING",
+                 _node_ip_address=config.head.node_ip)
         coordinator = deploy.start_coordinator(config)
         ray.get(coordinator.health.remote(), timeout=60)
         head_ip = ray.util.get_node_ip_address()
@@ -57,4 +59,4 @@ def run_head(config_path: str | None = None) -> None:
         })
         serve_gateway(config)
     finally:
-        ray_process.stop()
+        node.stop()

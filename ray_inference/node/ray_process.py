@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 
 from ray_inference import HEAD_RESOURCE
 from ray_inference.config import Config
@@ -67,15 +69,55 @@ def worker_command(config: Config, head_address: str, num_gpus: int) -> list[str
     return args + _port_args(config)
 
 
-def run(args: list[str]) -> None:
-    """Run `ray start`; a failure becomes one line with Ray's own last words."""
-    done = subprocess.run(args, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        tail = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-        reason = tail[-1] if tail else f"exit code {done.returncode}"
-        raise RayInferError(f"`ray start` failed: {reason}")
+class RayNode:
+    """This process's own Ray node: `ray start --block` as a child, stopped with us.
 
+    Owning the child (instead of `ray stop`, which kills every Ray process on the machine)
+    lets several nodes share one host in tests and keeps a container's lifecycle simple.
+    """
 
-def stop() -> None:
-    subprocess.run([_ray_binary(), "stop", "--grace-period", "10"], capture_output=True,
-                   check=False)
+    STARTED = "Ray runtime started"
+
+    def __init__(self, args: list[str]):
+        self._args = [*args, "--block"]
+        self._process: subprocess.Popen | None = None
+        self._lines: list[str] = []
+
+    def start(self, timeout_s: float = 120) -> None:
+        # rayinfer drains its own actors before stopping the node: Ray's own SIGTERM drain
+        # would only wait 30 s for a node that is never idle (the head's coordinator).
+        env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        self._process = subprocess.Popen(self._args, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                         env=env, start_new_session=True)
+        started = threading.Event()
+
+        def pump() -> None:
+            assert self._process and self._process.stdout
+            for line in self._process.stdout:
+                self._lines = [*self._lines[-50:], line.rstrip()]
+                if self.STARTED in line:
+                    started.set()
+            started.set()
+
+        threading.Thread(target=pump, daemon=True, name="ray-start-output").start()
+        started.wait(timeout_s)
+        if self._process.poll() is not None or not any(self.STARTED in x for x in self._lines):
+            tail = [line for line in self._lines if line.strip()]
+            self.stop()
+            reason = tail[-1] if tail else "no output"
+            raise RayInferError(f"`ray start` failed: {reason.strip()}")
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def stop(self, timeout_s: float = 30) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            self._process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            # Its own session: take down every process `ray start` left behind.
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()

@@ -18,6 +18,7 @@ import ray
 
 from ray_inference import logs
 from ray_inference.config import Config, ConfigError, load
+from ray_inference.errors import RayInferError
 from ray_inference.node import deploy, ray_process
 from ray_inference.node.banner import show
 
@@ -97,9 +98,10 @@ def run_worker(config_path: str | None = None, head_address: str | None = None) 
         raise ConfigError("no head address: pass --head HOST:PORT or set worker.head_address "
                           "(RAY_HEAD_ADDRESS)")
     num_gpus = deploy.detect_gpus(config.worker.num_gpus)
-    ray_process.run(ray_process.worker_command(config, head, num_gpus))
+    node = ray_process.RayNode(ray_process.worker_command(config, head, num_gpus))
+    node.start()
     try:
-        ray.init(address="auto", namespace=config.namespace, log_to_driver=True,
+        ray.init(address=head, namespace=config.namespace, log_to_driver=True,
                  logging_level="WARNING", _node_ip_address=config.worker.node_ip)
         agent = WorkerAgent(config, ray.get_runtime_context().get_node_id(), num_gpus)
         stopping = threading.Event()
@@ -118,9 +120,10 @@ def run_worker(config_path: str | None = None, head_address: str | None = None) 
         renewer = threading.Thread(target=agent.keep_registered, daemon=True)
         renewer.start()
         while not stopping.wait(1.0):
-            if not ray.is_initialized():
-                break
+            if not node.alive():
+                raise RayInferError("this worker's Ray node stopped (lost the head?); "
+                                    "exiting so the restart policy starts a fresh one")
         agent.drain()
     finally:
         ray.shutdown()
-        ray_process.stop()
+        node.stop()

@@ -1,0 +1,140 @@
+"""`rayinfer head` plus two `rayinfer worker` processes on this machine, as a user runs them.
+
+Each node advertises its own loopback address (127.0.0.1 head, 127.0.0.2/3 workers) and its
+own block of ports, so three Ray nodes share one host.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+pytestmark = pytest.mark.cluster
+RAYINFER = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "rayinfer")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_block(base: int) -> dict[str, int]:
+    names = ["node_manager", "object_manager", "runtime_env_agent", "dashboard_agent_grpc",
+             "dashboard_agent_http", "metrics_export", "client_server"]
+    ports = {name: base + i for i, name in enumerate(names)}
+    ports.update(min_worker_port=base + 10, max_worker_port=base + 60)
+    return ports
+
+
+def write_config(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def wait_until(check, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def processes(tmp_path_factory, tiny_llama):
+    folder = tmp_path_factory.mktemp("nodes")
+    gcs, gateway = free_port(), free_port()
+    base = 21000 + (os.getpid() % 200) * 100
+    head_cfg = write_config(folder / "head.yaml", {
+        "ports": port_block(base),
+        "head": {"ray_port": gcs, "node_ip": "127.0.0.1", "include_dashboard": False,
+                 "gateway_port": gateway},
+    })
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    started: list[subprocess.Popen] = []
+
+    def launch(name: str, *args: str) -> subprocess.Popen:
+        log = open(folder / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen([RAYINFER, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc.log_path = folder / f"{name}.log"
+        started.append(proc)
+        return proc
+
+    url = f"http://127.0.0.1:{gateway}"
+    try:
+        head = launch("head", "head", "--config", head_cfg)
+        wait_until(lambda: httpx.get(f"{url}/health/live").status_code == 200, 90, "the head")
+        workers = []
+        for i in (1, 2):
+            cfg = write_config(folder / f"worker{i}.yaml", {
+                "ports": port_block(base + 100 * i),
+                "worker": {"node_ip": f"127.0.0.{i + 1}", "num_cpus": 1, "models": [tiny_llama],
+                           "register_interval_s": 1, "drain_timeout_s": 60},
+            })
+            workers.append(launch(f"worker{i}", "worker", "--config", cfg,
+                                  "--head", f"127.0.0.1:{gcs}"))
+        wait_until(lambda: httpx.get(f"{url}/health").json().get("ready") == 2, 240,
+                   "two registered workers")
+        yield {"url": url, "head": head, "workers": workers}
+    except AssertionError:
+        for proc in started:
+            print(f"--- {proc.log_path.name} (exit {proc.poll()})")
+            print(proc.log_path.read_text()[-3000:])
+        raise
+    finally:
+        for proc in reversed(started):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(started):
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def ask(url: str, max_tokens: int = 8) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": "tiny-llama", "messages": [{"role": "user", "content": "hello world"}],
+        "max_tokens": max_tokens, "temperature": 0})
+
+
+def test_cli_ask_is_answered_by_a_worker_process(processes):
+    done = subprocess.run([RAYINFER, "--url", processes["url"], "ask", "-m", "tiny-llama",
+                           "--max-tokens", "6", "hello world"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "Worker Node #" in done.stderr
+    view = httpx.get(f"{processes['url']}/v1/cluster").json()
+    head = next(n for n in view["nodes"] if n["role"] == "head")
+    assert head["actors"] == 0 and head["resources"].get("CPU", 0) == 0
+    assert {a["ip"] for a in view["actors"]} == {"127.0.0.2", "127.0.0.3"}
+
+
+def test_sigterm_drains_a_worker_without_failures(processes):
+    victim = processes["workers"][0]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(ask, processes["url"], 60) for _ in range(16)]
+        time.sleep(1.0)
+        victim.send_signal(signal.SIGTERM)
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200] * 16
+    assert victim.wait(90) == 0
+    output = victim.log_path.read_text()
+    assert "drained" in output and "abandoned=0" in output
+    health = httpx.get(f"{processes['url']}/health").json()
+    assert health["ready"] == 1
+    assert ask(processes["url"]).status_code == 200
