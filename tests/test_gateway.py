@@ -146,3 +146,45 @@ def test_concurrent_requests_share_batches(gateway_url, cluster):
     assert max(batch_sizes) > 1
     nodes = {r.json()["rayinfer"]["node_label"] for r in results}
     assert len(nodes) == 2, "least-loaded routing should use both workers"
+
+
+def test_api_key_is_required_when_set(cluster):
+    from tests.conftest import Gateway
+
+    secured = Gateway(api_key="s3cret-key")
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        url = f"{secured.url}/v1/chat/completions"
+        assert httpx.post(url, json=body, timeout=60).status_code == 401
+        wrong = httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}, timeout=60)
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        right = httpx.post(url, json=body, headers={"Authorization": "Bearer s3cret-key"},
+                           timeout=60)
+        assert right.status_code == 200
+        assert httpx.get(f"{secured.url}/health").status_code == 200  # probes stay open
+    finally:
+        secured.stop()
+
+
+def test_full_gateway_answers_429_with_retry_after(cluster):
+    import concurrent.futures
+
+    from tests.conftest import Gateway
+
+    tight = Gateway(max_in_flight=1)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(lambda _: chat(tight.url, max_tokens=60), range(6)))
+        codes = [r.status_code for r in responses]
+        assert 200 in codes and 429 in codes
+        limited = next(r for r in responses if r.status_code == 429)
+        assert int(limited.headers["retry-after"]) >= 1
+        assert limited.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        tight.stop()
+
+
+def test_head_processes_stay_small(gateway_url):
+    view = httpx.get(f"{gateway_url}/v1/cluster").json()
+    head = view["head_processes"]
+    assert 0 < head["coordinator_rss_bytes"] < 1_000_000_000

@@ -224,7 +224,7 @@ class Coordinator:
         ready = sum(e.state == "ready" for e in self._actors.values())
         return {"actors": len(self._actors), "ready": ready,
                 "models": sorted({e.model for e in self._actors.values()}),
-                "uptime_s": round(time.time() - self._started, 1)}
+                "uptime_s": round(time.time() - self._started, 1), "rss_bytes": logs.rss_bytes()}
 
     def node_labels(self) -> dict[str, str]:
         return dict(self._labels)

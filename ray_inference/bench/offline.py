@@ -1,124 +1,220 @@
-"""Offline benchmark: one process, one run, the same prompts through three variants.
+"""The benchmark: the same prompts through every variant, in one process and one run.
 
-(a) one request at a time with HF `generate` (the seed's way), (b) HF static batches of the
-same size as the concurrency (the bound for padded batching), (c) our continuous-batching
-engine with every request submitted at once. Every variant makes exactly `max_tokens` tokens
-per prompt (end-of-sequence ignored), so tok/s compare like for like.
+(a) one request at a time with HF `generate` (the seed's way), (b) HF static batches as large
+as the concurrency (the bound for padded batching), (c) the rayinfer engine with every request
+in flight at once, and (d), when a gateway URL is given, the full stack over HTTP. Output
+lengths are drawn per prompt (fixed seed) and every variant makes exactly those tokens (end of
+sequence ignored), so tok/s compare like for like; static batches pay for their longest row.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import statistics
+import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-QUESTIONS = [
-    "What is the capital of France?", "Explain photosynthesis in one paragraph.",
-    "Write a haiku about the sea.", "What is machine learning?", "Name three primary colors.",
-    "How do airplanes fly?", "Give me a recipe for pancakes.", "What is Ray in Python?",
-    "Summarize the plot of Hamlet.", "Why is the sky blue?", "List four planets.",
-    "What does a CPU do?", "Tell me a fun fact about cats.", "How do vaccines work?",
-    "What is the speed of light?", "Describe a rainbow.",
-]
+from ray_inference.bench.prompts import QUESTIONS
 
 
 @dataclass
-class Result:
+class Workload:
+    messages: list[list[dict[str, str]]]
+    lengths: list[int]
+
+    @classmethod
+    def make(cls, count: int, min_tokens: int, max_tokens: int, seed: int) -> Workload:
+        rng = random.Random(seed)
+        return cls([[{"role": "user", "content": rng.choice(QUESTIONS)}] for _ in range(count)],
+                   [rng.randint(min_tokens, max_tokens) for _ in range(count)])
+
+    def head(self, count: int) -> Workload:
+        return Workload(self.messages[:count], self.lengths[:count])
+
+
+@dataclass
+class Row:
     variant: str
+    concurrency: int
     requests: int
     tokens: int
     seconds: float
     ttft_p50_s: float | None = None
+    errors: int = 0
 
     @property
     def tok_s(self) -> float:
-        return self.tokens / self.seconds
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "tok_s": round(self.tok_s, 2)}
 
 
-def _prompts(count: int, seed: int) -> list[list[dict[str, str]]]:
-    rng = random.Random(seed)
-    return [[{"role": "user", "content": rng.choice(QUESTIONS)}] for _ in range(count)]
-
-
-def _encode(loaded, messages_list):
+def _hf_batch(loaded, work: Workload) -> None:
     texts = [loaded.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-             for m in messages_list]
+             for m in work.messages]
     loaded.tokenizer.padding_side = "left"
-    return loaded.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = loaded.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    longest = max(work.lengths)
+    loaded.model.generate(**batch.to(loaded.device), max_new_tokens=longest,
+                          min_new_tokens=longest, do_sample=False,
+                          pad_token_id=loaded.tokenizer.pad_token_id)
 
 
-def _hf_generate(loaded, messages_list, max_tokens: int) -> int:
-    batch = _encode(loaded, messages_list)
-    out = loaded.model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id)
-    return (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
-
-
-def one_at_a_time(loaded, prompts, max_tokens) -> Result:
+def one_at_a_time(loaded, work: Workload) -> Row:
     start = time.perf_counter()
-    tokens = sum(_hf_generate(loaded, [p], max_tokens) for p in prompts)
-    return Result("a: HF generate, one at a time", len(prompts), tokens,
-                  time.perf_counter() - start)
+    for i in range(len(work.lengths)):
+        _hf_batch(loaded, Workload([work.messages[i]], [work.lengths[i]]))
+    return Row("a: HF generate, one at a time", 1, len(work.lengths), sum(work.lengths),
+               time.perf_counter() - start)
 
 
-def static_batches(loaded, prompts, max_tokens, batch_size) -> Result:
+def static_batches(loaded, work: Workload, size: int) -> Row:
     start = time.perf_counter()
-    tokens = sum(_hf_generate(loaded, prompts[i:i + batch_size], max_tokens)
-                 for i in range(0, len(prompts), batch_size))
-    return Result(f"b: HF static batches of {batch_size}", len(prompts), tokens,
-                  time.perf_counter() - start)
+    for i in range(0, len(work.lengths), size):
+        _hf_batch(loaded, Workload(work.messages[i:i + size], work.lengths[i:i + size]))
+    return Row(f"b: HF static batches of {size}", size, len(work.lengths), sum(work.lengths),
+               time.perf_counter() - start)
 
 
-def engine_run(loaded, prompts, max_tokens, batch_size) -> Result:
+def engine_run(loaded, work: Workload, concurrency: int) -> Row:
     from ray_inference.config import EngineConfig
     from ray_inference.engine import GenerationRequest, create_engine
 
-    engine = create_engine(loaded, EngineConfig(max_batch_size=batch_size))
+    engine = create_engine(loaded, EngineConfig(max_batch_size=concurrency,
+                                                max_queue=len(work.lengths) + 1))
+    ttfts: list[float] = []
+    tokens = [0]
+    lock = threading.Lock()
     start = time.perf_counter()
-    streams = [engine.submit(GenerationRequest(messages=p, max_tokens=max_tokens, temperature=0,
-                                               ignore_eos=True)) for p in prompts]
-    ttfts, tokens = [], 0
-    for stream in streams:
-        for i, chunk in enumerate(stream):
-            if i == 0:
-                ttfts.append(time.perf_counter() - start)
-            tokens += len(chunk.token_ids)
+
+    def consume(stream) -> None:
+        first = True
+        for chunk in stream:
+            with lock:
+                if first:
+                    ttfts.append(time.perf_counter() - start)
+                    first = False
+                tokens[0] += len(chunk.token_ids)
+
+    # `concurrency` clients, each sending its next request when the previous one ends.
+    pending = list(zip(work.messages, work.lengths, strict=True))
+    pending.reverse()
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                messages, length = pending.pop()
+            consume(engine.submit(GenerationRequest(messages=messages, max_tokens=length,
+                                                    temperature=0, ignore_eos=True)))
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     seconds = time.perf_counter() - start
     engine.shutdown()
-    return Result(f"c: rayinfer engine, {batch_size} concurrent", len(prompts), tokens, seconds,
-                  statistics.median(ttfts))
+    return Row(f"c: rayinfer engine, {concurrency} clients", concurrency, len(work.lengths),
+               tokens[0], seconds, statistics.median(ttfts))
 
 
-def run(concurrency: int = 16, max_tokens: int = 64, sequential: int = 4, seed: int = 0,
-        out: Path | None = None, echo=print) -> list[Result]:
+def gateway_run(url: str, model: str, work: Workload, concurrency: int, seed: int,
+                api_key: str | None) -> Row:
+    from ray_inference.bench.load import run_load
+
+    result = asyncio.run(run_load(url, model, concurrency, len(work.lengths),
+                                  min(work.lengths), max(work.lengths), seed, api_key))
+    summary = result.summary()
+    return Row(f"d: full stack over HTTP, {concurrency} clients", concurrency, result.requests,
+               result.tokens, result.seconds, summary["ttft_p50_s"], result.errors)
+
+
+def table(rows: list[Row], echo: Callable[[str], None]) -> None:
+    base_a = next((r.tok_s for r in rows if r.variant.startswith("a")), None)
+    echo(f"\n{'variant':<40} {'tok/s':>8} {'x (a)':>7} {'x (b)':>7} {'TTFT p50':>9} {'errors':>6}")
+    for row in rows:
+        same_b = next((r.tok_s for r in rows if r.variant.startswith("b")
+                       and r.concurrency == row.concurrency), None)
+        ratio_a = f"{row.tok_s / base_a:.2f}" if base_a else "-"
+        ratio_b = f"{row.tok_s / same_b:.2f}" if same_b else "-"
+        ttft = f"{row.ttft_p50_s:.2f}s" if row.ttft_p50_s is not None else "-"
+        echo(f"{row.variant:<40} {row.tok_s:>8.1f} {ratio_a:>7} {ratio_b:>7} {ttft:>9} "
+             f"{row.errors:>6}")
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for prefix, label in (("b", "HF static batches"), ("c", "rayinfer engine"),
+                          ("d", "full stack (HTTP)")):
+        series = sorted((r.concurrency, r.tok_s, r.ttft_p50_s) for r in rows
+                        if r.variant.startswith(prefix))
+        if not series:
+            continue
+        left.plot([s[0] for s in series], [s[1] for s in series], marker="o", label=label)
+        if prefix != "b":
+            right.plot([s[0] for s in series], [s[2] for s in series], marker="o", label=label)
+    single = next((r for r in rows if r.variant.startswith("a")), None)
+    if single:
+        left.axhline(single.tok_s, color="grey", linestyle="--", label="one at a time")
+    left.set(xlabel="concurrent requests", ylabel="tokens / s", title="Throughput")
+    right.set(xlabel="concurrent requests", ylabel="seconds", title="p50 time to first token")
+    for axis in (left, right):
+        axis.legend()
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: int, seed: int,
+        url: str | None = None, model: str = "smollm2", api_key: str | None = None,
+        out: Path | None = None, echo: Callable[[str], None] = print,
+        progress: Callable[[str], None] | None = None) -> list[Row]:
     from ray_inference.models import loader, registry
 
     torch.manual_seed(seed)
     loaded = loader.load(registry.resolve("smollm2"))
-    prompts = _prompts(concurrency, seed)
-    echo(f"model smollm2 on {loaded.device} ({loaded.dtype}), {torch.get_num_threads()} threads, "
-         f"{concurrency} prompts x {max_tokens} tokens")
-    results = []
-    for step in (lambda: one_at_a_time(loaded, prompts[:sequential], max_tokens),
-                 lambda: static_batches(loaded, prompts, max_tokens, concurrency),
-                 lambda: engine_run(loaded, prompts, max_tokens, concurrency)):
-        results.append(step())
-        echo(f"  done: {results[-1].variant} ({results[-1].seconds:.1f}s)")
-    base_a, base_b = results[0].tok_s, results[1].tok_s
-    echo(f"\n{'variant':<36} {'tok/s':>8} {'x (a)':>7} {'x (b)':>7} {'TTFT p50':>9}")
-    for r in results:
-        ttft = f"{r.ttft_p50_s:.2f}s" if r.ttft_p50_s is not None else "-"
-        echo(f"{r.variant:<36} {r.tok_s:>8.1f} {r.tok_s / base_a:>7.2f} {r.tok_s / base_b:>7.2f} "
-             f"{ttft:>9}")
+    echo(f"smollm2 on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}), "
+         f"{torch.get_num_threads()} threads; concurrency {concurrency}; "
+         f"{min_tokens}-{max_tokens} new tokens per prompt; seed {seed}")
+    steps: list[tuple[str, Callable[[], Row]]] = []
+    top = max(concurrency)
+    work = Workload.make(2 * top, min_tokens, max_tokens, seed)
+    steps.append(("a", lambda: one_at_a_time(loaded, work.head(sequential))))
+    for c in concurrency:
+        part = work.head(2 * c)
+        steps.append((f"b{c}", lambda part=part, c=c: static_batches(loaded, part, c)))
+        steps.append((f"c{c}", lambda part=part, c=c: engine_run(loaded, part, c)))
+        if url:
+            steps.append((f"d{c}", lambda part=part, c=c: gateway_run(url, model, part, c, seed,
+                                                                      api_key)))
+    rows = []
+    for name, step in steps:
+        if progress:
+            progress(name)
+        rows.append(step())
+    table(rows, echo)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"concurrency": concurrency, "max_tokens": max_tokens,
-                                   "device": str(loaded.device), "dtype": str(loaded.dtype),
-                                   "results": [{**asdict(r), "tok_s": r.tok_s} for r in results]},
-                                  indent=2))
-    return results
+        out.write_text(json.dumps({
+            "device": str(loaded.device), "dtype": str(loaded.dtype), "threads":
+                torch.get_num_threads(), "min_tokens": min_tokens, "max_tokens": max_tokens,
+            "seed": seed, "rows": [r.to_dict() for r in rows]}, indent=2))
+        plot(rows, out.with_suffix(".png"))
+        echo(f"wrote {out} and {out.with_suffix('.png')}")
+    return rows

@@ -447,29 +447,36 @@ def worker(config_path: str | None, head_address: str | None) -> None:
 
 
 @cli.command()
-@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Prompts in flight at once (and the static batch size of variant b).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Tokens generated per prompt (end-of-sequence ignored).")
+@click.option("-c", "--concurrency", "concurrency", multiple=True, type=click.IntRange(min=1),
+              default=(16,), show_default=True,
+              help="Concurrent requests (repeat for a sweep); also the static batch size of (b).")
+@click.option("--min-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--sequential", type=click.IntRange(min=1), default=4, show_default=True,
               help="How many prompts variant (a) runs one at a time (it is slow).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--gateway", "gateway_url", default=None, metavar="URL",
+              help="Also run (d): the same load through this gateway (the full stack).")
+@click.option("-m", "--model", default="smollm2", show_default=True,
+              help="Model name at the gateway for (d).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Write the results as JSON here.")
-def bench(concurrency: int, max_tokens: int, sequential: int, seed: int, out: str | None) -> None:
-    """Offline benchmark of SmolLM2 in this process: HF one at a time (a), HF static batches
-    (b) and the rayinfer engine (c), side by side on the same prompts, with ratios.
+              help="Write JSON here, and a PNG beside it.")
+def bench(concurrency: tuple[int, ...], min_tokens: int, max_tokens: int, sequential: int,
+          seed: int, gateway_url: str | None, model: str, out: str | None) -> None:
+    """Benchmark SmolLM2 side by side in one run: HF one at a time (a), HF static batches (b),
+    the rayinfer engine (c) and, with --gateway, the full stack over HTTP (d); prints tok/s,
+    p50 time to first token and ratios to (a) and (b).
 
     \b
     Example:
-        rayinfer bench -c 64 --max-tokens 64 --out benchmarks/results/cpu.json
+        rayinfer bench -c 16 -c 64 --gateway http://127.0.0.1:8000 --out benchmarks/results/cpu.json
     """
     from pathlib import Path
 
     from ray_inference.bench.offline import run
 
-    run(concurrency, max_tokens, sequential, seed, Path(out) if out else None, echo=out_echo)
-
-
-def out_echo(line: str) -> None:
-    click.echo(line)
+    if min_tokens > max_tokens:
+        raise click.BadParameter("--min-tokens is larger than --max-tokens")
+    run(sorted(set(concurrency)), min_tokens, max_tokens, sequential, seed, gateway_url, model,
+        os.environ.get("RAYINFER_API_KEY"), Path(out) if out else None, echo=click.echo,
+        progress=lambda step: click.echo(f"  running {step} ...", err=True))

@@ -33,6 +33,7 @@ from ray_inference.gateway.protocol import (
     ResponseBuilder,
     error_body,
 )
+from ray_inference.logs import rss_bytes
 from ray_inference.router import Router
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -202,10 +203,14 @@ def create_app(router: Router, api_key: str | None = None, max_in_flight: int = 
 
     @app.get("/v1/cluster")
     async def cluster():
-        actors, labels = await asyncio.gather(_coordinator("actors"),
-                                              _coordinator("node_labels"))
+        actors, labels, state = await asyncio.gather(
+            _coordinator("actors"), _coordinator("node_labels"), _coordinator("health"))
         nodes = await asyncio.to_thread(ray.nodes)
-        return describe_cluster(nodes, actors, labels)
+        view = describe_cluster(nodes, actors, labels)
+        # The head's own processes: this gateway (the driver) and the coordinator actor.
+        view["head_processes"] = {"gateway_rss_bytes": rss_bytes(),
+                                  "coordinator_rss_bytes": state["rss_bytes"]}
+        return view
 
     @app.get("/v1/events")
     async def events(limit: int = 50):

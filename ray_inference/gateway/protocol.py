@@ -22,6 +22,8 @@ class _Request(BaseModel):
     n: int = 1
     stream: bool = False
     user: str | None = None
+    # Extension (as in vLLM): generate max_tokens even past end-of-sequence; for benchmarks.
+    ignore_eos: bool = False
 
     @field_validator("max_tokens", "max_completion_tokens")
     @classmethod
@@ -50,7 +52,7 @@ class _Request(BaseModel):
     def sampling(self) -> dict[str, Any]:
         return {"max_tokens": self.max_completion_tokens or self.max_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                "stop": self.stop}
+                "stop": self.stop, "ignore_eos": self.ignore_eos}
 
 
 class TextPart(BaseModel):

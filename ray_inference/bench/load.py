@@ -1,0 +1,110 @@
+"""HTTP load generator: N concurrent clients against the gateway, streaming, fixed seed.
+
+Each client sends chat requests back to back until the run has sent `requests` in total;
+time to first token, inter-token latency and end-to-end latency come from the SSE stream as
+the client sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from ray_inference.bench.prompts import QUESTIONS
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    requests: int = 0
+    errors: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        def pct(values: list[float], q: float) -> float | None:
+            if not values:
+                return None
+            ordered = sorted(values)
+            return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+        return {
+            "concurrency": self.concurrency, "requests": self.requests, "errors": self.errors,
+            "tokens": self.tokens, "seconds": round(self.seconds, 3),
+            "tok_s": round(self.tokens / self.seconds, 2) if self.seconds else 0.0,
+            "req_s": round(self.requests / self.seconds, 3) if self.seconds else 0.0,
+            **{f"{name}_p{int(q * 100)}_s": pct(values, q)
+               for name, values in (("ttft", self.ttft), ("itl", self.itl), ("e2e", self.e2e))
+               for q in (0.5, 0.9, 0.99)},
+            "ttft_mean_s": statistics.fmean(self.ttft) if self.ttft else None,
+            "error_samples": self.error_samples[:5],
+        }
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict, result: LoadResult) -> None:
+    started = time.perf_counter()
+    last = None
+    tokens = 0
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"]["message"])
+                now = time.perf_counter()
+                if last is None:
+                    result.ttft.append(now - started)
+                else:
+                    result.itl.append(now - last)
+                last = now
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except Exception as exc:  # counted, sampled and reported, never fatal to the run
+        result.errors += 1
+        result.error_samples.append(str(exc)[:200])
+        return
+    result.requests += 1
+    result.tokens += tokens
+    result.e2e.append(time.perf_counter() - started)
+
+
+async def run_load(url: str, model: str, concurrency: int, requests: int, min_tokens: int,
+                   max_tokens: int, seed: int = 0, api_key: str | None = None,
+                   progress: Callable[[int], None] | None = None) -> LoadResult:
+    rng = random.Random(seed)
+    bodies = [{"model": model, "stream": True, "temperature": 0, "ignore_eos": True,
+               "messages": [{"role": "user", "content": rng.choice(QUESTIONS)}],
+               "max_tokens": rng.randint(min_tokens, max_tokens)} for _ in range(requests)]
+    result = LoadResult(concurrency)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    queue = list(reversed(bodies))
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=5), headers=headers,
+                                 limits=limits) as client:
+        async def worker() -> None:
+            while queue:
+                await _one(client, url, queue.pop(), result)
+                if progress:
+                    progress(1)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        result.seconds = time.perf_counter() - started
+    return result
