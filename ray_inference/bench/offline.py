@@ -84,6 +84,27 @@ def static_batches(loaded, work: Workload, size: int) -> Row:
                time.perf_counter() - start)
 
 
+def hf_continuous(loaded, work: Workload, concurrency: int) -> Row:
+    """transformers' own continuous batching (paged attention), the alternative we measured."""
+    from transformers import GenerationConfig
+
+    texts = [loaded.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+             for m in work.messages]
+    inputs = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    config = GenerationConfig(max_new_tokens=max(work.lengths), min_new_tokens=max(work.lengths),
+                              do_sample=False, eos_token_id=-1,
+                              pad_token_id=loaded.tokenizer.pad_token_id,
+                              max_batch_tokens=concurrency * 64)
+    start = time.perf_counter()
+    outputs = loaded.model.generate_batch(inputs=inputs, generation_config=config,
+                                          progress_bar=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(min(len(o.generated_tokens), n)
+                 for o, n in zip(outputs.values(), work.lengths, strict=False))
+    return Row(f"e: transformers generate_batch ({concurrency})", concurrency, len(outputs),
+               tokens, seconds)
+
+
 def engine_run(loaded, work: Workload, concurrency: int) -> Row:
     from ray_inference.config import EngineConfig
     from ray_inference.engine import GenerationRequest, create_engine
@@ -184,7 +205,7 @@ def plot(rows: list[Row], path: Path) -> None:
 def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: int, seed: int,
         url: str | None = None, model: str = "smollm2", api_key: str | None = None,
         out: Path | None = None, echo: Callable[[str], None] = print,
-        progress: Callable[[str], None] | None = None) -> list[Row]:
+        progress: Callable[[str], None] | None = None, hf_cb: bool = False) -> list[Row]:
     from ray_inference.models import loader, registry
 
     torch.manual_seed(seed)
@@ -200,6 +221,8 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         part = work.head(2 * c)
         steps.append((f"b{c}", lambda part=part, c=c: static_batches(loaded, part, c)))
         steps.append((f"c{c}", lambda part=part, c=c: engine_run(loaded, part, c)))
+        if hf_cb:
+            steps.append((f"e{c}", lambda part=part, c=c: hf_continuous(loaded, part, c)))
         if url:
             steps.append((f"d{c}", lambda part=part, c=c: gateway_run(url, model, part, c, seed,
                                                                       api_key)))

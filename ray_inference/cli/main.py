@@ -459,10 +459,13 @@ def worker(config_path: str | None, head_address: str | None) -> None:
               help="Also run (d): the same load through this gateway (the full stack).")
 @click.option("-m", "--model", default="smollm2", show_default=True,
               help="Model name at the gateway for (d).")
+@click.option("--hf-continuous", is_flag=True,
+              help="Also run (e): transformers' own continuous batching (generate_batch).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write JSON here, and a PNG beside it.")
 def bench(concurrency: tuple[int, ...], min_tokens: int, max_tokens: int, sequential: int,
-          seed: int, gateway_url: str | None, model: str, out: str | None) -> None:
+          seed: int, gateway_url: str | None, model: str, hf_continuous: bool,
+          out: str | None) -> None:
     """Benchmark SmolLM2 side by side in one run: HF one at a time (a), HF static batches (b),
     the rayinfer engine (c) and, with --gateway, the full stack over HTTP (d); prints tok/s,
     p50 time to first token and ratios to (a) and (b).
@@ -479,4 +482,4 @@ def bench(concurrency: tuple[int, ...], min_tokens: int, max_tokens: int, sequen
         raise click.BadParameter("--min-tokens is larger than --max-tokens")
     run(sorted(set(concurrency)), min_tokens, max_tokens, sequential, seed, gateway_url, model,
         os.environ.get("RAYINFER_API_KEY"), Path(out) if out else None, echo=click.echo,
-        progress=lambda step: click.echo(f"  running {step} ...", err=True))
+        progress=lambda step: click.echo(f"  running {step} ...", err=True), hf_cb=hf_continuous)
