@@ -155,3 +155,18 @@ def test_unknown_and_missing_models_say_what_to_do(tmp_path):
     with pytest.raises(ModelLoadError, match=r"neither a config\.json"):
         registry.resolve(f"x={tmp_path}")
     assert registry.resolve("smollm2").gguf_file.endswith(".gguf")
+
+
+def test_slots_of_finished_rows_are_reused_without_changing_answers(model_dir):
+    loaded, engine = load(model_dir, "tiny-gpt2", max_batch_size=4)
+    engine._eos = set()
+    prompts = [("hello world", 3), ("red", 40), ("the cat is a dog", 5), ("what is", 30),
+               ("blue green red", 7), ("yes no yes", 9), ("one two", 4), ("capital of", 12)]
+    streams = [engine.submit(GenerationRequest(prompt=p, temperature=0, max_tokens=n))
+               for p, n in prompts]
+    outputs = [[t for c in s for t in c.token_ids] for s in streams]
+    for (prompt, n), output in zip(prompts, outputs, strict=True):
+        assert output == reference(loaded, prompt, n)
+    assert engine.stats.max_batch == 4
+    assert engine.load() == {"running": 0, "waiting": 0}
+    engine.shutdown()

@@ -116,12 +116,12 @@ def engine_run(loaded, work: Workload, concurrency: int) -> Row:
     lock = threading.Lock()
     start = time.perf_counter()
 
-    def consume(stream) -> None:
+    def consume(stream, submitted: float) -> None:
         first = True
         for chunk in stream:
             with lock:
                 if first:
-                    ttfts.append(time.perf_counter() - start)
+                    ttfts.append(time.perf_counter() - submitted)
                     first = False
                 tokens[0] += len(chunk.token_ids)
 
@@ -135,8 +135,9 @@ def engine_run(loaded, work: Workload, concurrency: int) -> Row:
                 if not pending:
                     return
                 messages, length = pending.pop()
+            submitted = time.perf_counter()
             consume(engine.submit(GenerationRequest(messages=messages, max_tokens=length,
-                                                    temperature=0, ignore_eos=True)))
+                                                    temperature=0, ignore_eos=True)), submitted)
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for thread in threads:

@@ -21,6 +21,9 @@ from ray_inference.engine.sampling import SamplingParams, sample
 from ray_inference.engine.text import TextTracker
 from ray_inference.engine.types import Chunk, GenerationRequest
 
+# Padding columns on the left are cut once this many are unused by every row (a whole-cache copy).
+TRIM_COLUMNS = 32
+_GREEDY = SamplingParams(temperature=0.0)
 # Prefill at most this many prompt tokens per step, so running rows keep decoding while a burst
 # of new requests is admitted.
 MAX_PREFILL_TOKENS = 4096
@@ -72,13 +75,18 @@ class CausalEngine(Engine):
     # ---- the engine thread ---------------------------------------------------------------
     def step(self) -> None:
         self._drop_cancelled()
-        budget_left = self.config.max_tokens_in_flight - sum(r.pending.budget for r in self._rows)
-        room = self.config.max_batch_size - len(self._rows)
+        live = self._live()
+        budget_left = self.config.max_tokens_in_flight - sum(r.pending.budget for r in live)
+        room = self.config.max_batch_size - len(live)
         admitted = self._take_waiting(room, budget_left) if room > 0 else []
         if admitted:
             self._prefill(admitted)
-        if self._rows:
+        if self._live():
             self._decode()
+        self._compact()
+
+    def _live(self) -> list[_Row]:
+        return [r for r in self._rows if r is not None]
 
     def _forward(self, input_ids, mask, positions, cache):
         extra = {"logits_to_keep": 1} if self._keep_last_logits else {}
@@ -117,7 +125,7 @@ class CausalEngine(Engine):
         if not keep:
             return
         index = torch.tensor(keep, device=self._device)
-        self._merge([rows[i] for i in keep], _select(cache, index), mask.index_select(0, index),
+        self._place([rows[i] for i in keep], _select(cache, index), mask.index_select(0, index),
                     mask.sum(-1).index_select(0, index), tokens.index_select(0, index))
 
     def _new_row(self, pending: Pending) -> _Row:
@@ -127,40 +135,67 @@ class CausalEngine(Engine):
         tracker = TextTracker(self.tokenizer, request.stop, request.resume_ids)
         return _Row(pending, params, tracker)
 
-    def _merge(self, rows, cache, mask, positions, last) -> None:
-        if not self._rows:
-            self._rows, self._cache, self._mask = rows, cache, mask
+    def _place(self, rows, cache, mask, positions, last) -> None:
+        """Put freshly prefilled rows into the running batch: into the slots of rows that left
+        (copying only the new rows), and append the rest. The running cache is copied whole
+        only when a new prompt is wider than the batch or the batch grows."""
+        if self._cache is None:
+            self._rows, self._cache, self._mask = list(rows), cache, mask
             self._positions, self._last = positions, last
+            self._running = [r.pending for r in rows]
             return
-        width = max(self._mask.shape[1], mask.shape[1])
-        old, new = _pad_left(self._cache, self._mask, width), _pad_left(cache, mask, width)
-        self._cache = _concat(old[0], new[0])
-        self._mask = torch.cat([old[1], new[1]])
-        self._positions = torch.cat([self._positions, positions])
-        self._last = torch.cat([self._last, last])
-        self._rows = self._rows + rows
+        width = self._mask.shape[1]
+        if mask.shape[1] > width:
+            self._cache, self._mask = _pad_left(self._cache, self._mask, mask.shape[1])
+        elif mask.shape[1] < width:
+            cache, mask = _pad_left(cache, mask, width)
+        holes = [i for i, r in enumerate(self._rows) if r is None]
+        reused = min(len(holes), len(rows))
+        if reused:
+            slots = torch.tensor(holes[:reused], device=self._device)
+            for (k, v), (nk, nv) in zip(_layers(self._cache), _layers(cache), strict=True):
+                k.index_copy_(0, slots, nk[:reused])
+                v.index_copy_(0, slots, nv[:reused])
+            self._mask.index_copy_(0, slots, mask[:reused])
+            self._positions.index_copy_(0, slots, positions[:reused])
+            self._last.index_copy_(0, slots, last[:reused])
+            for slot, row in zip(holes, rows[:reused], strict=False):
+                self._rows[slot] = row
+        if reused < len(rows):
+            rest = torch.arange(reused, len(rows), device=self._device)
+            self._cache = _concat(self._cache, _select(cache, rest))
+            self._mask = torch.cat([self._mask, mask[reused:]])
+            self._positions = torch.cat([self._positions, positions[reused:]])
+            self._last = torch.cat([self._last, last[reused:]])
+            self._rows = self._rows + list(rows[reused:])
+        self._running = [r.pending for r in self._live()]
 
     def _decode(self) -> None:
         ones = torch.ones((len(self._rows), 1), dtype=torch.long, device=self._device)
         self._mask = torch.cat([self._mask, ones], dim=1)
         logits, self._cache = self._forward(self._last[:, None], self._mask,
                                             self._positions[:, None], self._cache)
-        tokens = sample(logits, [r.params for r in self._rows])
-        self._positions = self._positions + 1
+        tokens = sample(logits, [r.params if r else _GREEDY for r in self._rows])
+        # Idle slots keep counting too; the clamp keeps them inside the position table.
+        self._positions = (self._positions + 1).clamp_(max=self.loaded.context_length - 1)
         self._last = tokens
         self.stats.steps += 1
-        self.stats.batch_sizes[len(self._rows)] += 1
-        self.stats.max_batch = max(self.stats.max_batch, len(self._rows))
-        keep = self._emit(self._rows, tokens.tolist())
-        if len(keep) < len(self._rows):
-            self._keep_rows(keep)
+        live = len(self._live())
+        self.stats.batch_sizes[live] += 1
+        self.stats.max_batch = max(self.stats.max_batch, live)
+        keep = set(self._emit(self._rows, tokens.tolist()))
+        for i, row in enumerate(self._rows):
+            if row is not None and i not in keep:
+                self._free(i)
 
     def _emit(self, rows: list[_Row], tokens: list[int]) -> list[int]:
         """Send each row's token; returns the indexes of rows that go on."""
         now = time.perf_counter()
         keep = []
-        self._running = [r.pending for r in rows]  # for batch_size in chunks and load()
+        self._running = [r.pending for r in rows if r]  # for batch_size in chunks and load()
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            if row is None:
+                continue
             pending = row.pending
             if not row.first_token_at:
                 row.first_token_at = now
@@ -195,15 +230,39 @@ class CausalEngine(Engine):
             for pending in [p for p in self._waiting if p.request.request_id in cancelled]:
                 self._waiting.remove(pending)
                 pending.stream.push(Chunk(pending.request.request_id, finish_reason="cancelled"))
-        keep = []
-        for i, row in enumerate(self._rows):
-            if row.pending.request.request_id in cancelled:
-                row.pending.stream.push(Chunk(row.pending.request.request_id,
-                                              finish_reason="cancelled"))
-            else:
-                keep.append(i)
-        if len(keep) < len(self._rows):
-            self._keep_rows(keep)
+        gone = [(i, r) for i, r in enumerate(self._rows)
+                if r is not None and r.pending.request.request_id in cancelled]
+        for i, _ in gone:
+            self._free(i)
+        self._running = [r.pending for r in self._live()]
+        for _, row in gone:  # told only once the slot is free, so load() is already right
+            row.pending.stream.push(Chunk(row.pending.request.request_id,
+                                          finish_reason="cancelled"))
+
+    def _free(self, slot: int) -> None:
+        """A row left: its slot stays in the batch, masked, until a new request takes it."""
+        self._rows[slot] = None
+        self._mask[slot] = 0
+        self._mask[slot, -1] = 1  # one visible column keeps attention finite for the idle row
+
+    def _compact(self) -> None:
+        """Copy the batch down only when it pays: many idle slots and nobody waiting for
+        them, or a wide band of padding on the left that no row needs any more."""
+        live = [i for i, r in enumerate(self._rows) if r is not None]
+        if not live:
+            self.reset()
+            return
+        with self._wake:
+            waiting = len(self._waiting)
+        idle = len(self._rows) - len(live)
+        if idle and not waiting and idle * 4 >= len(self._rows):
+            self._keep_rows(live)
+            return
+        used = self._mask.index_select(0, torch.tensor(live, device=self._device)).sum(0)
+        first = int(used.nonzero()[0]) if bool(used.any()) else 0
+        if first >= TRIM_COLUMNS:
+            self._cache = _slice(self._cache, first)
+            self._mask = self._mask[:, first:]
 
     def _keep_rows(self, keep: list[int]) -> None:
         if not keep:
