@@ -588,10 +588,12 @@ def test_ask_ctrl_c_exits_130(env, fake_gateway):
 
 @pytest.mark.cluster
 def test_cluster_ask(env, gateway_url):
-    result = run("--url", gateway_url, "ask", "--max-tokens", "16", "What is 2 + 2?", env=env,
-                 timeout=300)
+    result = run("--url", gateway_url, "ask", "--max-tokens", "16", "--temperature", "0",
+                 "hello world", env=env, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip()
+    # The tiny random model's tokens may all be special (decoded to ""), so count them instead;
+    # tests/test_model.py checks the text of a real answer.
+    assert re.search(r"· 16 tokens", result.stderr), result.stderr
     assert "Worker Node #" in result.stderr
     assert re.search(r"\(\d+\.\d+\.\d+\.\d+\)", result.stderr)  # the worker's IP
 
