@@ -28,11 +28,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def port_block(base: int) -> dict[str, int]:
-    names = ["node_manager", "object_manager", "runtime_env_agent", "dashboard_agent_grpc",
-             "dashboard_agent_http", "metrics_export", "client_server"]
-    ports = {name: base + i for i, name in enumerate(names)}
-    ports.update(min_worker_port=base + 10, max_worker_port=base + 60)
+def port_block() -> dict[str, int]:
+    """Every Ray port left to Ray (0) but the one it would otherwise fix for every node on a
+    host (the dashboard agent's HTTP port), so three nodes share this machine."""
+    ports = dict.fromkeys(["node_manager", "object_manager", "runtime_env_agent",
+                           "dashboard_agent_grpc", "metrics_export", "client_server",
+                           "min_worker_port", "max_worker_port"], 0)
+    ports["dashboard_agent_http"] = free_port()
     return ports
 
 
@@ -58,9 +60,8 @@ def wait_until(check, timeout_s: float, what: str):
 def processes(tmp_path_factory, tiny_llama):
     folder = tmp_path_factory.mktemp("nodes")
     gcs, gateway = free_port(), free_port()
-    base = 21000 + (os.getpid() % 200) * 100
     head_cfg = write_config(folder / "head.yaml", {
-        "ports": port_block(base),
+        "ports": port_block(),
         "head": {"ray_port": gcs, "node_ip": "127.0.0.1", "include_dashboard": False,
                  "gateway_port": gateway},
     })
@@ -81,14 +82,15 @@ def processes(tmp_path_factory, tiny_llama):
         workers = []
         for i in (1, 2):
             cfg = write_config(folder / f"worker{i}.yaml", {
-                "ports": port_block(base + 100 * i),
+                "ports": port_block(),
                 "worker": {"node_ip": f"127.0.0.{i + 1}", "num_cpus": 1, "models": [tiny_llama],
                            "register_interval_s": 1, "drain_timeout_s": 60},
             })
             workers.append(launch(f"worker{i}", "worker", "--config", cfg,
                                   "--head", f"127.0.0.1:{gcs}"))
-        wait_until(lambda: httpx.get(f"{url}/health").json().get("ready") == 2, 240,
-                   "two registered workers")
+            # One at a time: two raylets starting together can pick the same free port.
+            wait_until(lambda i=i: httpx.get(f"{url}/health").json().get("ready") == i, 240,
+                       f"worker {i} to register")
         yield {"url": url, "head": head, "workers": workers}
     except AssertionError:
         for proc in started:

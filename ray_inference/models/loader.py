@@ -62,6 +62,7 @@ def pick_dtype(requested: str, device: torch.device, width: int = 576) -> torch.
         return DTYPES[requested]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    width = max(width, 512)  # tiny test models would measure noise
     fp32 = _linear_seconds(torch.float32, width)
     bf16 = _linear_seconds(torch.bfloat16, width)
     return torch.bfloat16 if bf16 < fp32 * 0.9 else torch.float32
