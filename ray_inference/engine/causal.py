@@ -20,6 +20,7 @@ from ray_inference.engine.base import Engine, Pending
 from ray_inference.engine.sampling import SamplingParams, sample
 from ray_inference.engine.text import TextTracker
 from ray_inference.engine.types import Chunk, GenerationRequest
+from ray_inference.errors import InvalidRequest
 
 # Padding columns on the left are cut once this many are unused by every row (a whole-cache copy).
 TRIM_COLUMNS = 32
@@ -69,7 +70,8 @@ class CausalEngine(Engine):
         text, add_special = self._render(request)
         ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
         if not ids:
-            raise_empty(request)
+            raise InvalidRequest("the prompt is empty after tokenization",
+                                 "messages" if request.messages else "prompt")
         return ids
 
     # ---- the engine thread ---------------------------------------------------------------
@@ -285,13 +287,6 @@ class CausalEngine(Engine):
     def reset(self) -> None:
         self._rows, self._running = [], []
         self._cache = self._mask = self._positions = self._last = None
-
-
-def raise_empty(request: GenerationRequest) -> None:
-    from ray_inference.errors import InvalidRequest
-
-    raise InvalidRequest("the prompt is empty after tokenization",
-                         "messages" if request.messages else "prompt")
 
 
 def _layers(cache: DynamicCache):
