@@ -89,6 +89,8 @@ class EngineConfig(_Section):
     max_tokens_in_flight: int = Field(65_536, ge=64)
     default_max_tokens: int = Field(128, ge=1)
     torch_threads: int | None = Field(None, ge=1, le=1024)
+    # Replay each decode step as a CUDA graph (GPU workers only; ignored on CPUs).
+    cuda_graphs: bool = True
 
 
 class LoggingConfig(_Section):

@@ -170,3 +170,44 @@ def test_slots_of_finished_rows_are_reused_without_changing_answers(model_dir):
     assert engine.stats.max_batch == 4
     assert engine.load() == {"running": 0, "waiting": 0}
     engine.shutdown()
+
+
+def test_cache_shifts_and_grows_without_changing_answers(model_dir):
+    """Late joiners with prompts longer than the batch's history (history moves right), long
+    answers past the first column chunk (the cache grows) and past the second one while the
+    oldest rows are gone (history moves left instead of growing): answers stay exact."""
+    loaded, engine = load(model_dir, "tiny-llama", max_batch_size=3)
+    engine._eos = set()
+    long_prompt = " ".join(["the cat is a dog of no"] * 6)
+    submitted = {}
+
+    def submit(prompt, n):
+        submitted[prompt] = (n, engine.submit(GenerationRequest(prompt=prompt, temperature=0,
+                                                                max_tokens=n)))
+
+    submit("hello", 150)
+    first = iter(submitted["hello"][1])
+    got: list[int] = []
+
+    def wait_for(count):
+        while len(got) < count:
+            got.extend(next(first).token_ids)
+
+    wait_for(1)
+    submit("red", 2)
+    submit(long_prompt, 30)
+    wait_for(60)
+    submit("what is", 120)
+    wait_for(140)
+    submit("blue green", 120)
+    got.extend(t for c in first for t in c.token_ids)
+    assert got == reference(loaded, "hello", 150)
+    for prompt, (n, stream) in submitted.items():
+        if prompt != "hello":
+            assert [t for c in stream for t in c.token_ids] == reference(loaded, prompt, n), prompt
+    config = loaded.model.config
+    per_slot_column = (2 * config.num_hidden_layers * config.num_key_value_heads
+                       * (config.hidden_size // config.num_attention_heads) * 4)
+    # Columns of rows that left are reused: never more than 256 columns for 3 slots.
+    assert 0 < engine.stats.kv_bytes_peak <= 3 * 256 * per_slot_column
+    engine.shutdown()

@@ -82,11 +82,13 @@ class EngineStats:
     tokens: int = 0
     requests: int = 0
     max_batch: int = 0
+    kv_bytes_peak: int = 0
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "tokens": self.tokens, "requests": self.requests,
-                "max_batch": self.max_batch, "batch_sizes": dict(self.batch_sizes)}
+                "max_batch": self.max_batch, "kv_bytes_peak": self.kv_bytes_peak,
+                "batch_sizes": dict(self.batch_sizes)}
 
 
 class Engine:

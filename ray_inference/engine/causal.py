@@ -1,29 +1,31 @@
 """Continuous batching for decoder-only models.
 
 One batch runs step after step. Waiting requests are prefilled together (left-padded) at the
-start of a step and merged into the running batch's KV cache; finished rows leave at the end of
-the step, and padding columns nobody needs any more are trimmed. Each row keeps its own position
-ids and sampling settings, so requests of any length and temperature share every forward pass.
+start of a step and written into free slots of the batch's KV cache (see kv.py) so that their
+prompts end at the current column; finished rows leave their slot to the next request. Each row
+keeps its own position ids and sampling settings, so requests of any length and temperature
+share every forward pass. On a GPU the decode step is replayed as a CUDA graph (graphs.py).
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ray_inference.engine.base import Engine, Pending
+from ray_inference.engine.graphs import MIN_COLUMNS, MIN_ROWS, DecodeGraphs, bucket
+from ray_inference.engine.kv import COLUMN_CHUNK, SlotKV
 from ray_inference.engine.sampling import SamplingParams, sample
 from ray_inference.engine.text import TextTracker
 from ray_inference.engine.types import Chunk, GenerationRequest
 from ray_inference.errors import InvalidRequest
 
-# Padding columns on the left are cut once this many are unused by every row (a whole-cache copy).
-TRIM_COLUMNS = 32
+log = logging.getLogger(__name__)
 _GREEDY = SamplingParams(temperature=0.0)
 # Prefill at most this many prompt tokens per step, so running rows keep decoding while a burst
 # of new requests is admitted.
@@ -35,6 +37,7 @@ class _Row:
     pending: Pending
     params: SamplingParams
     text: TextTracker
+    start: int = 0  # the column of the row's first real token
     generated: list[int] = field(default_factory=list)
     first_token_at: float = 0.0
 
@@ -43,17 +46,23 @@ class CausalEngine(Engine):
     def __init__(self, loaded, config):
         self._model = loaded.model
         self._device = loaded.device
+        self._dtype = loaded.dtype
         self._eos = self._eos_ids(loaded)
         self._pad_id = loaded.tokenizer.pad_token_id or 0
         accepted = inspect.signature(self._model.forward).parameters
         self._keep_last_logits = "logits_to_keep" in accepted
         # transformers 5.x renamed past_key_values to cache; older models keep the old name.
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
-        self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # (rows, columns): 1 for real tokens
-        self._positions: torch.Tensor | None = None  # next position id per row
-        self._last: torch.Tensor | None = None  # last sampled token per row
+        self._rows: list[_Row | None] = []
+        self._kv: SlotKV | None = None
+        self._column = 0  # the column the next decode step writes, shared by every slot
+        self._positions: torch.Tensor | None = None  # next position id per slot
+        self._last: torch.Tensor | None = None  # last sampled token per slot
+        self._graphs = (DecodeGraphs(self._forward, self._dtype)
+                        if self._device.type == "cuda" and getattr(config, "cuda_graphs", True)
+                        else None)
+        # A row never spans more columns than its prompt plus its new tokens.
+        self._max_columns = min(loaded.context_length, config.max_tokens_in_flight) + 1
         super().__init__(loaded, config)
 
     @staticmethod
@@ -73,6 +82,14 @@ class CausalEngine(Engine):
             raise InvalidRequest("the prompt is empty after tokenization",
                                  "messages" if request.messages else "prompt")
         return ids
+
+    def describe(self) -> dict:
+        """What the engine runs on, for logs and benchmarks."""
+        info = {"kv_bytes": self._kv.nbytes if self._kv else 0,
+                "cuda_graphs": self._graphs is not None}
+        if self._graphs is not None:
+            info.update(graph_captures=self._graphs.captures, graph_replays=self._graphs.replays)
+        return info
 
     # ---- the engine thread ---------------------------------------------------------------
     def step(self) -> None:
@@ -95,8 +112,7 @@ class CausalEngine(Engine):
         extra[self._cache_arg] = cache
         out = self._model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                           use_cache=True, **extra)
-        returned = out.get("cache", None) or out.get("past_key_values", None)
-        return out.logits[:, -1, :], returned
+        return out.logits[:, -1, :]
 
     def _prefill(self, admitted: list[Pending]) -> None:
         # A burst larger than MAX_PREFILL_TOKENS goes back to the queue's head for the next step.
@@ -119,16 +135,23 @@ class CausalEngine(Engine):
             mask[i, width - len(seq):] = 1
         ids, mask = ids.to(self._device), mask.to(self._device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, positions, DynamicCache())
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache)
         rows = [self._new_row(p) for p in batch]
         tokens = sample(logits, [r.params for r in rows])
         self.stats.steps += 1
         keep = self._emit(rows, tokens.tolist())
         if not keep:
             return
+        kept = [rows[i] for i in keep]
+        lengths = [len(sequences[i]) for i in keep]
         index = torch.tensor(keep, device=self._device)
-        self._place([rows[i] for i in keep], _select(cache, index), mask.index_select(0, index),
-                    mask.sum(-1).index_select(0, index), tokens.index_select(0, index))
+        # Columns that are padding in every kept row are not stored.
+        width = max(lengths)
+        layers = [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
+                  for layer in cache.layers]
+        self._place(kept, layers, mask.index_select(0, index)[:, -width:], lengths,
+                    tokens.index_select(0, index))
 
     def _new_row(self, pending: Pending) -> _Row:
         request = pending.request
@@ -137,50 +160,104 @@ class CausalEngine(Engine):
         tracker = TextTracker(self.tokenizer, request.stop, request.resume_ids)
         return _Row(pending, params, tracker)
 
-    def _place(self, rows, cache, mask, positions, last) -> None:
-        """Put freshly prefilled rows into the running batch: into the slots of rows that left
-        (copying only the new rows), and append the rest. The running cache is copied whole
-        only when a new prompt is wider than the batch or the batch grows."""
-        if self._cache is None:
-            self._rows, self._cache, self._mask = list(rows), cache, mask
-            self._positions, self._last = positions, last
-            self._running = [r.pending for r in rows]
-            return
-        width = self._mask.shape[1]
-        if mask.shape[1] > width:
-            self._cache, self._mask = _pad_left(self._cache, self._mask, mask.shape[1])
-        elif mask.shape[1] < width:
-            cache, mask = _pad_left(cache, mask, width)
+    def _allocate(self, layers, slots: int, columns: int) -> None:
+        keys = layers[0][0]
+        if self._graphs is not None:  # graphs want the slot count fixed from the start
+            slots = self.config.max_batch_size
+        self._kv = SlotKV(len(layers), keys.shape[1], keys.shape[3], keys.dtype, self._device,
+                          slots, columns, self._max_columns + COLUMN_CHUNK)
+        self._positions = torch.zeros(slots, dtype=torch.long, device=self._device)
+        self._last = torch.zeros(slots, dtype=torch.long, device=self._device)
+        self.stats.kv_bytes_peak = max(self.stats.kv_bytes_peak, self._kv.nbytes)
+
+    def _columns_for(self, needed: int) -> int:
+        if self._graphs is not None:
+            return bucket(needed, MIN_COLUMNS)
+        return -(-needed // COLUMN_CHUNK) * COLUMN_CHUNK
+
+    def _place(self, rows: list[_Row], layers, mask, lengths: list[int], last) -> None:
+        """Write freshly prefilled rows into free slots so that their prompts end at the
+        current column; the batch grows only when no slot is free."""
+        width = mask.shape[1]
+        if self._kv is None:
+            self._allocate(layers, len(rows), self._columns_for(width + 1))
+        if not self._live():
+            self._rows, self._column = [], 0
+        if self._column < width:  # the new prompt is longer than the batch's history
+            self._make_room(width + 1, shift=self._column - width)
         holes = [i for i, r in enumerate(self._rows) if r is None]
-        reused = min(len(holes), len(rows))
-        if reused:
-            slots = torch.tensor(holes[:reused], device=self._device)
-            for (k, v), (nk, nv) in zip(_layers(self._cache), _layers(cache), strict=True):
-                k.index_copy_(0, slots, nk[:reused])
-                v.index_copy_(0, slots, nv[:reused])
-            self._mask.index_copy_(0, slots, mask[:reused])
-            self._positions.index_copy_(0, slots, positions[:reused])
-            self._last.index_copy_(0, slots, last[:reused])
-            for slot, row in zip(holes, rows[:reused], strict=False):
-                self._rows[slot] = row
-        if reused < len(rows):
-            rest = torch.arange(reused, len(rows), device=self._device)
-            self._cache = _concat(self._cache, _select(cache, rest))
-            self._mask = torch.cat([self._mask, mask[reused:]])
-            self._positions = torch.cat([self._positions, positions[reused:]])
-            self._last = torch.cat([self._last, last[reused:]])
-            self._rows = self._rows + list(rows[reused:])
+        slots = holes[:len(rows)]
+        slots += range(len(self._rows), len(self._rows) + len(rows) - len(slots))
+        needed = max(slots) + 1
+        if needed > self._kv.slots:
+            self._grow(slots=max(needed, 2 * self._kv.slots))
+        self._rows += [None] * (needed - len(self._rows))
+        index = torch.tensor(slots, device=self._device)
+        self._kv.write_rows(index, self._column, layers, mask)
+        self._positions.index_copy_(0, index, torch.tensor(lengths, device=self._device))
+        self._last.index_copy_(0, index, last)
+        for slot, row, length in zip(slots, rows, lengths, strict=True):
+            row.start = self._column - length
+            self._rows[slot] = row
         self._running = [r.pending for r in self._live()]
 
+    def _grow(self, slots: int = 0, columns: int = 0) -> None:
+        old = self._kv.slots
+        self._kv.grow(min(slots, self.config.max_batch_size) if slots else 0, columns)
+        if self._kv.slots > old:
+            extra = self._kv.slots - old
+            self._positions = torch.cat([self._positions, self._positions.new_zeros(extra)])
+            self._last = torch.cat([self._last, self._last.new_zeros(extra)])
+        self.stats.kv_bytes_peak = max(self.stats.kv_bytes_peak, self._kv.nbytes)
+
+    def _make_room(self, columns: int, shift: int = 0) -> None:
+        """Move every column by -shift, then make the cache at least `columns` wide."""
+        if shift < 0:
+            self._grow(columns=self._columns_for(self._column - shift + 1))
+        self._kv.shift(shift, self._column)
+        self._column -= shift
+        for row in self._live():
+            row.start -= shift
+        if columns > self._kv.columns:
+            self._grow(columns=self._columns_for(columns))
+
     def _decode(self) -> None:
-        ones = torch.ones((len(self._rows), 1), dtype=torch.long, device=self._device)
-        self._mask = torch.cat([self._mask, ones], dim=1)
-        logits, self._cache = self._forward(self._last[:, None], self._mask,
-                                            self._positions[:, None], self._cache)
-        tokens = sample(logits, [r.params if r else _GREEDY for r in self._rows])
+        if self._graphs is not None:
+            first = min(r.start for r in self._live())
+            rows = min(bucket(len(self._rows), MIN_ROWS), self._kv.slots)
+            # Graphs attend from column 0: shift history down when that saves a bucket.
+            if first and bucket(self._column + 1 - first, MIN_COLUMNS) < bucket(
+                    self._column + 1, MIN_COLUMNS):
+                self._make_room(0, shift=first)
+            columns = bucket(self._column + 1, MIN_COLUMNS)
+            if columns > self._kv.columns:
+                self._grow(columns=columns)
+            self._kv.valid[:rows, self._column] = True
+            try:
+                logits = self._graphs.step(self._kv, rows, columns, self._last, self._positions,
+                                           self._column)
+            except RuntimeError:
+                log.exception("CUDA graph capture failed; decoding without graphs from now on")
+                self._graphs = None
+        if self._graphs is None:
+            rows = len(self._rows)
+            first = min(r.start for r in self._live())
+            if self._column >= self._kv.columns:
+                self._make_room(self._column + 1 - first, shift=first)
+                first = 0
+            self._kv.valid[:rows, self._column] = True
+            write_at = torch.tensor([self._column], device=self._device)
+            end = self._column + 1
+            mask = self._kv.attention_mask(rows, first, end, self._dtype)
+            logits = self._forward(self._last[:rows, None], mask, self._positions[:rows, None],
+                                   self._kv.view(rows, first, end, write_at))
+        self._column += 1
+        count = len(self._rows)
+        tokens = sample(logits[:count], [r.params if r else _GREEDY for r in self._rows])
         # Idle slots keep counting too; the clamp keeps them inside the position table.
-        self._positions = (self._positions + 1).clamp_(max=self.loaded.context_length - 1)
-        self._last = tokens
+        self._positions[:count] = (self._positions[:count] + 1).clamp_(
+            max=self.loaded.context_length - 1)
+        self._last[:count] = tokens
         self.stats.steps += 1
         live = len(self._live())
         self.stats.batch_sizes[live] += 1
@@ -241,76 +318,48 @@ class CausalEngine(Engine):
             row.pending.stream.push(Chunk(row.pending.request.request_id,
                                           finish_reason="cancelled"))
 
+    def _drop_cancelled(self) -> None:
+        cancelled = self._take_cancelled()
+        if not cancelled:
+            return
+        with self._wake:  # cancelled while still waiting
+            for pending in [p for p in self._waiting if p.request.request_id in cancelled]:
+                self._waiting.remove(pending)
+                pending.stream.push(Chunk(pending.request.request_id, finish_reason="cancelled"))
+        gone = [(i, r) for i, r in enumerate(self._rows)
+                if r is not None and r.pending.request.request_id in cancelled]
+        for i, _ in gone:
+            self._free(i)
+        self._running = [r.pending for r in self._live()]
+        for _, row in gone:  # told only once the slot is free, so load() is already right
+            row.pending.stream.push(Chunk(row.pending.request.request_id,
+                                          finish_reason="cancelled"))
+
     def _free(self, slot: int) -> None:
-        """A row left: its slot stays in the batch, masked, until a new request takes it."""
+        """A row left: its slot stays in the batch, attending to nothing that matters, until a
+        new request takes it."""
         self._rows[slot] = None
-        self._mask[slot] = 0
-        self._mask[slot, -1] = 1  # one visible column keeps attention finite for the idle row
 
     def _compact(self) -> None:
-        """Copy the batch down only when it pays: many idle slots and nobody waiting for
-        them, or a wide band of padding on the left that no row needs any more."""
-        live = [i for i, r in enumerate(self._rows) if r is not None]
-        if not live:
+        """Drop idle slots at the end of the batch for free; move live rows down only when
+        many slots are idle and nobody waits to take them."""
+        while self._rows and self._rows[-1] is None:
+            self._rows.pop()
+        if not self._rows:
             self.reset()
             return
         with self._wake:
             waiting = len(self._waiting)
+        live = [i for i, r in enumerate(self._rows) if r is not None]
         idle = len(self._rows) - len(live)
         if idle and not waiting and idle * 4 >= len(self._rows):
-            self._keep_rows(live)
-            return
-        used = self._mask.index_select(0, torch.tensor(live, device=self._device)).sum(0)
-        first = int(used.nonzero()[0]) if bool(used.any()) else 0
-        if first >= TRIM_COLUMNS:
-            self._cache = _slice(self._cache, first)
-            self._mask = self._mask[:, first:]
-
-    def _keep_rows(self, keep: list[int]) -> None:
-        if not keep:
-            self.reset()
-            return
-        index = torch.tensor(keep, device=self._device)
-        self._rows = [self._rows[i] for i in keep]
-        self._running = [r.pending for r in self._rows]
-        self._cache = _select(self._cache, index)
-        self._mask = self._mask.index_select(0, index)
-        self._positions = self._positions.index_select(0, index)
-        self._last = self._last.index_select(0, index)
-        # Columns that are padding in every remaining row cost attention time: cut them.
-        used = self._mask.sum(0).nonzero()
-        first = int(used[0]) if len(used) else 0
-        if first > 0:
-            self._cache = _slice(self._cache, first)
-            self._mask = self._mask[:, first:]
+            index = torch.tensor(live, device=self._device)
+            self._kv.move_rows(index)
+            for tensor in (self._positions, self._last):
+                tensor[:len(live)] = tensor.index_select(0, index)
+            self._rows = [self._rows[i] for i in live]
 
     def reset(self) -> None:
-        self._rows, self._running = [], []
-        self._cache = self._mask = self._positions = self._last = None
-
-
-def _layers(cache: DynamicCache):
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _select(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
-    return DynamicCache([(k.index_select(0, index), v.index_select(0, index))
-                         for k, v in _layers(cache)])
-
-
-def _slice(cache: DynamicCache, first: int) -> DynamicCache:
-    return DynamicCache([(k[:, :, first:], v[:, :, first:]) for k, v in _layers(cache)])
-
-
-def _pad_left(cache: DynamicCache, mask: torch.Tensor, width: int):
-    extra = width - mask.shape[1]
-    if extra == 0:
-        return cache, mask
-    padded = DynamicCache([(F.pad(k, (0, 0, extra, 0)), F.pad(v, (0, 0, extra, 0)))
-                           for k, v in _layers(cache)])
-    return padded, F.pad(mask, (extra, 0))
-
-
-def _concat(a: DynamicCache, b: DynamicCache) -> DynamicCache:
-    return DynamicCache([(torch.cat([ka, kb]), torch.cat([va, vb]))
-                         for (ka, va), (kb, vb) in zip(_layers(a), _layers(b), strict=True)])
+        self._rows, self._running, self._column = [], [], 0
+        if self._graphs is None:  # CPU memory goes back; a GPU keeps its buffers and graphs
+            self._kv = self._positions = self._last = None

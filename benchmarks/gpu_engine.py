@@ -1,0 +1,236 @@
+"""The engine alone on a GPU, with random-weight models (no download, no Ray, no HTTP).
+
+    python benchmarks/gpu_engine.py --out /tmp/gpu.json            # on a CUDA machine
+    python benchmarks/gpu_engine.py --models tiny --requests 8      # a smoke run on any CPU
+
+For each model shape it runs, on the same requests (prompt and output lengths drawn with a
+fixed seed, end of sequence ignored so every variant makes the same tokens): HF padded batches
+(`generate`, the bound of static batching), transformers' own continuous batching
+(`generate_batch`), and the rayinfer engine without and with CUDA graphs. It prints a table
+with ratios and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import random
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ray_inference.engine import GenerationRequest, create_engine
+from ray_inference.models.loader import LoadedModel
+
+SHAPES = {
+    # SmolLM2-135M's shape.
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         tie_word_embeddings=True),
+    # A Llama-3.2-1B-like shape (1.24B parameters).
+    "llama-1.24b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                        tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                 tie_word_embeddings=True),
+}
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose words are the token ids ("w17"): prompts of exact lengths,
+    and real detokenization work for every generated token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="<eos>")
+
+
+def build(shape: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    started = time.perf_counter()
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, pad_token_id=0,
+                         eos_token_id=2, bos_token_id=None)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    model.generation_config.pad_token_id = 0
+    return LoadedModel(shape, "causal", model, word_tokenizer(config.vocab_size), device, dtype,
+                       config.max_position_embeddings, time.perf_counter() - started)
+
+
+def workload(count, prompt_range, output_range, vocab, seed):
+    rng = random.Random(seed)
+    prompts = [" ".join(f"w{rng.randrange(3, vocab)}" for _ in range(rng.randint(*prompt_range)))
+               for _ in range(count)]
+    return prompts, [rng.randint(*output_range) for _ in range(count)]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def hf_padded(loaded, prompts, lengths, batch):
+    tok = loaded.tokenizer
+    tok.padding_side = "left"
+    sync(loaded.device)
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        inputs = tok(prompts[i:i + batch], return_tensors="pt", padding=True).to(loaded.device)
+        longest = max(lengths[i:i + batch])
+        loaded.model.generate(**inputs, max_new_tokens=longest, min_new_tokens=longest,
+                              do_sample=False, pad_token_id=0)
+    sync(loaded.device)
+    return {"seconds": time.perf_counter() - start, "tokens": sum(lengths)}
+
+
+def hf_continuous(loaded, prompts, lengths, batch):
+    from transformers import GenerationConfig
+
+    inputs = [loaded.tokenizer(p)["input_ids"] for p in prompts]
+    config = GenerationConfig(max_new_tokens=max(lengths), min_new_tokens=max(lengths),
+                              do_sample=False, eos_token_id=-1, pad_token_id=0,
+                              max_batch_tokens=batch * 64)
+    sync(loaded.device)
+    start = time.perf_counter()
+    outputs = loaded.model.generate_batch(inputs=inputs, generation_config=config,
+                                          progress_bar=False)
+    sync(loaded.device)
+    tokens = sum(min(len(o.generated_tokens), n)
+                 for o, n in zip(outputs.values(), lengths, strict=False))
+    return {"seconds": time.perf_counter() - start, "tokens": tokens}
+
+
+async def _drive(engine, prompts, lengths):
+    loop = asyncio.get_running_loop()
+
+    async def one(prompt, length):
+        submitted = time.perf_counter()
+        stream = engine.submit(GenerationRequest(prompt=prompt, max_tokens=length, temperature=0,
+                                                 ignore_eos=True), loop)
+        first, tokens, ids = None, 0, []
+        async for chunk in stream:
+            if first is None and chunk.token_ids:
+                first = time.perf_counter() - submitted
+            tokens += len(chunk.token_ids)
+            ids += chunk.token_ids
+        return first, tokens, time.perf_counter() - submitted, ids
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(p, n) for p, n in zip(prompts, lengths, strict=True)))
+    return time.perf_counter() - start, results
+
+
+def engine_run(loaded, prompts, lengths, batch, graphs):
+    config = SimpleNamespace(max_batch_size=batch, max_queue=len(prompts) + 1,
+                             max_tokens_in_flight=10_000_000, default_max_tokens=128,
+                             cuda_graphs=graphs)
+    engine = create_engine(loaded, config)
+    # Warm up (CUDA graphs are captured here, once per bucket), then measure.
+    asyncio.run(_drive(engine, prompts, lengths))
+    sync(loaded.device)
+    seconds, results = asyncio.run(_drive(engine, prompts, lengths))
+    info = engine.describe()
+    info["kv_bytes_peak"] = engine.stats.kv_bytes_peak
+    engine.shutdown()
+    ttfts = sorted(r[0] for r in results)
+    return {"seconds": seconds, "tokens": sum(r[1] for r in results),
+            "ttft_p50_s": statistics.median(ttfts), "ttft_p90_s": ttfts[int(0.9 * len(ttfts))],
+            "e2e_p50_s": statistics.median(r[2] for r in results), **info,
+            "outputs": [r[3] for r in results]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2-135m,llama-1.24b")
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--prompt-tokens", default="16-128")
+    parser.add_argument("--output-tokens", default="16-256")
+    parser.add_argument("--variants", default="padded,hf_cb,engine,engine_graphs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    import transformers
+
+    report = {"date": datetime.date.today().isoformat(), "device": card,
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "dtype": str(dtype), "requests": args.requests, "prompt_tokens": args.prompt_tokens,
+              "output_tokens": args.output_tokens, "seed": args.seed, "models": {}}
+    print(f"{card}; torch {torch.__version__}; transformers {transformers.__version__}", flush=True)
+    prompt_range = tuple(int(x) for x in args.prompt_tokens.split("-"))
+    output_range = tuple(int(x) for x in args.output_tokens.split("-"))
+    for shape in args.models.split(","):
+        loaded = build(shape, device, dtype)
+        params = sum(p.numel() for p in loaded.model.parameters())
+        print(f"\n{shape}: {params / 1e6:.0f}M parameters, built in {loaded.load_s:.1f}s",
+              flush=True)
+        prompts, lengths = workload(args.requests, prompt_range, output_range,
+                                    SHAPES[shape]["vocab_size"], args.seed)
+        runs = {}
+        for variant in args.variants.split(","):
+            try:
+                if variant == "padded":
+                    runs[variant] = hf_padded(loaded, prompts, lengths, args.requests)
+                elif variant == "hf_cb":
+                    runs[variant] = hf_continuous(loaded, prompts, lengths, args.requests)
+                elif variant == "engine":
+                    runs[variant] = engine_run(loaded, prompts, lengths, args.requests, False)
+                elif variant == "engine_graphs":
+                    runs[variant] = engine_run(loaded, prompts, lengths, args.requests, True)
+            except Exception as exc:  # one broken variant must not hide the others
+                traceback.print_exc()
+                runs[variant] = {"error": f"{type(exc).__name__}: {exc}"}
+                continue
+            run = runs[variant]
+            run["tok_s"] = round(run["tokens"] / run["seconds"], 1)
+            extra = "".join(f" {k}={run[k]}" for k in ("ttft_p50_s", "cuda_graphs",
+                                                       "graph_captures") if k in run)
+            print(f"  {variant:<14} {run['tok_s']:>9.1f} tok/s  {run['tokens']} tokens in "
+                  f"{run['seconds']:.2f}s{extra}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if "engine" in runs and "engine_graphs" in runs and "outputs" in runs["engine"]:
+            same = sum(a == b for a, b in zip(runs["engine"]["outputs"],
+                                              runs["engine_graphs"].get("outputs", []),
+                                              strict=False))
+            print(f"  graphs and eager gave identical tokens for {same}/{len(prompts)} requests")
+            runs["identical_outputs"] = same
+        for run in runs.values():
+            if isinstance(run, dict):
+                run.pop("outputs", None)
+        base = runs.get("padded", {}).get("tok_s")
+        if base:
+            for name, run in runs.items():
+                if isinstance(run, dict) and "tok_s" in run:
+                    run["x_padded"] = round(run["tok_s"] / base, 2)
+                    print(f"  {name:<14} {run['x_padded']:>6.2f}x padded batches")
+        report["models"][shape] = {"parameters": params, "runs": runs}
+        del loaded
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

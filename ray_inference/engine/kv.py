@@ -1,0 +1,148 @@
+"""The running batch's KV cache: preallocated slots x columns, written in place.
+
+Every row of the batch is a slot; every decode step writes one shared column for all slots. A new
+request's prompt is left-padded so that it ends at the current column, and a row only attends
+to the columns marked valid for it. Nothing is concatenated per step: buffers grow by whole
+chunks, and live columns are shifted down only when the right edge is reached. Because shapes
+and addresses stay put between steps, a decode step can be replayed as a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+# Buffers grow by this many columns at a time (a whole-buffer copy each time).
+COLUMN_CHUNK = 128
+
+
+class SlotKV:
+    """K and V of every layer as (slots, kv_heads, columns, head_dim) tensors."""
+
+    def __init__(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, slots: int, columns: int, max_columns: int):
+        self.shape = (heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.max_columns = max_columns
+        self.keys = [self._empty(slots, columns) for _ in range(layers)]
+        self.values = [self._empty(slots, columns) for _ in range(layers)]
+        self.valid = torch.zeros((slots, columns), dtype=torch.bool, device=device)
+        # Layer buffers are replaced when they grow: `generation` tells graphs to re-capture.
+        self.generation = 0
+
+    def _empty(self, slots: int, columns: int) -> torch.Tensor:
+        return torch.zeros((slots, *self.shape[:1], columns, self.shape[1]), dtype=self.dtype,
+                           device=self.device)
+
+    @property
+    def slots(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def columns(self) -> int:
+        return self.valid.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def grow(self, slots: int, columns: int) -> None:
+        """Reallocate to at least (slots, columns), keeping the contents."""
+        slots = max(slots, self.slots)
+        columns = max(columns, self.columns)
+        if (slots, columns) == (self.slots, self.columns):
+            return
+        if columns > self.max_columns:
+            raise RuntimeError(f"the KV cache would need {columns} columns; the limit is "
+                               f"{self.max_columns}")
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = self._empty(slots, columns)
+                new[:old.shape[0], :, :old.shape[2]] = old
+                buffers[i] = new
+        valid = torch.zeros((slots, columns), dtype=torch.bool, device=self.device)
+        valid[:self.slots, :self.columns] = self.valid
+        self.valid = valid
+        self.generation += 1
+
+    def shift(self, offset: int, end: int) -> None:
+        """Move columns [offset, end) by -offset (left, offset > 0) or to [offset', ...) when
+        offset < 0 (right by -offset); the columns left behind are cleared."""
+        if offset == 0:
+            return
+        if offset > 0:
+            source, target = slice(offset, end), slice(0, end - offset)
+        else:
+            source, target = slice(0, end), slice(-offset, end - offset)
+        for tensor in (*self.keys, *self.values):
+            tensor[:, :, target] = tensor[:, :, source].clone()
+        self.valid[:, target] = self.valid[:, source].clone()
+        if offset > 0:
+            self.valid[:, end - offset:end] = False
+        else:
+            self.valid[:, :-offset] = False
+
+    def write_rows(self, slots: torch.Tensor, end: int, prefill_layers, mask: torch.Tensor) -> None:
+        """Store prefilled K/V (rows, heads, width, dim) so that each row ends at column `end`."""
+        width = mask.shape[1]
+        for (keys, values), (new_k, new_v) in zip(zip(self.keys, self.values, strict=True),
+                                                  prefill_layers, strict=True):
+            keys[slots, :, end - width:end] = new_k[:, :, -width:]
+            values[slots, :, end - width:end] = new_v[:, :, -width:]
+        self.valid[slots] = False
+        self.valid[slots, end - width:end] = mask.bool()
+
+    def move_rows(self, keep: torch.Tensor) -> None:
+        """Rows `keep` become rows 0..len(keep)-1 (the rest are left as they were)."""
+        count = len(keep)
+        for tensor in (*self.keys, *self.values, self.valid):
+            tensor[:count] = tensor.index_select(0, keep)
+
+    def attention_mask(self, rows: int, start: int, end: int, dtype: torch.dtype,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """The additive (rows, 1, 1, end-start) mask of one decode step."""
+        blocked = ~self.valid[:rows, start:end]
+        mask = blocked[:, None, None, :].to(dtype) * torch.finfo(dtype).min
+        if out is None:
+            return mask
+        out.copy_(mask)
+        return out
+
+    def view(self, rows: int, start: int, end: int, write_at: torch.Tensor) -> Cache:
+        """A transformers Cache over slots [0, rows) and columns [start, end) that writes each
+        layer's new K/V at column `write_at` (a 1-element device tensor)."""
+        layers = [_SlotLayer(k, v, rows, start, end, write_at)
+                  for k, v in zip(self.keys, self.values, strict=True)]
+        return Cache(layers=layers)
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One layer of a SlotKV as transformers sees it during a decode step."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, keys, values, rows, start, end, write_at):
+        super().__init__()
+        self._keys, self._values = keys[:rows], values[:rows]
+        self._start, self._end = start, end
+        self._write_at = write_at
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # buffers exist already
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self._keys.index_copy_(2, self._write_at, key_states)
+        self._values.index_copy_(2, self._write_at, value_states)
+        return (self._keys[:, :, self._start:self._end],
+                self._values[:, :, self._start:self._end])
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self._end - self._start, 0
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self._end - self._start - 1
+
+    def get_max_length(self) -> int:
+        return -1
