@@ -6,7 +6,8 @@
 For each model shape it runs, on the same requests (prompt and output lengths drawn with a
 fixed seed, end of sequence ignored so every variant makes the same tokens): HF padded batches
 (`generate`, the bound of static batching), transformers' own continuous batching
-(`generate_batch`), and the rayinfer engine without and with CUDA graphs. It prints a table
+(`generate_batch`), and the rayinfer engine without and with CUDA graphs (and with graphs but
+without overlapping host work with the GPU: `engine_graphs_settled`). It prints a table
 with ratios and writes JSON.
 """
 
@@ -137,10 +138,10 @@ async def _drive(engine, prompts, lengths):
     return time.perf_counter() - start, results
 
 
-def engine_run(loaded, prompts, lengths, batch, graphs):
+def engine_run(loaded, prompts, lengths, batch, graphs, overlap=None):
     config = SimpleNamespace(max_batch_size=batch, max_queue=len(prompts) + 1,
                              max_tokens_in_flight=10_000_000, default_max_tokens=128,
-                             cuda_graphs=graphs)
+                             cuda_graphs=graphs, overlap_steps=overlap)
     engine = create_engine(loaded, config)
     # Warm up (CUDA graphs are captured here, once per bucket), then measure.
     asyncio.run(_drive(engine, prompts, lengths))
@@ -163,11 +164,14 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", default="16-128")
     parser.add_argument("--output-tokens", default="16-256")
     parser.add_argument("--variants", default="padded,hf_cb,engine,engine_graphs")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="auto: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     import transformers
 
@@ -196,6 +200,9 @@ def main() -> int:
                     runs[variant] = engine_run(loaded, prompts, lengths, args.requests, False)
                 elif variant == "engine_graphs":
                     runs[variant] = engine_run(loaded, prompts, lengths, args.requests, True)
+                elif variant == "engine_graphs_settled":  # no overlap of host work and GPU
+                    runs[variant] = engine_run(loaded, prompts, lengths, args.requests, True,
+                                               overlap=False)
             except Exception as exc:  # one broken variant must not hide the others
                 traceback.print_exc()
                 runs[variant] = {"error": f"{type(exc).__name__}: {exc}"}

@@ -91,6 +91,8 @@ class EngineConfig(_Section):
     torch_threads: int | None = Field(None, ge=1, le=1024)
     # Replay each decode step as a CUDA graph (GPU workers only; ignored on CPUs).
     cuda_graphs: bool = True
+    # Hand out a decode step's tokens while the next step runs (default: on GPUs only).
+    overlap_steps: bool | None = None
 
 
 class LoggingConfig(_Section):

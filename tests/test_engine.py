@@ -30,9 +30,10 @@ def reference(loaded, prompt: str, max_new: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["settled", "overlapped"])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-def test_batched_greedy_matches_one_at_a_time_generate(model_dir, name):
-    loaded, engine = load(model_dir, name)
+def test_batched_greedy_matches_one_at_a_time_generate(model_dir, name, overlap):
+    loaded, engine = load(model_dir, name, overlap_steps=overlap)
     engine._eos = set()  # compare raw token streams with generate's
     prompts = ["hello world", "what is the capital of france ?", "red", "the cat is a dog of no"]
     streams = [engine.submit(GenerationRequest(prompt=p, temperature=0, max_tokens=12))
@@ -68,8 +69,9 @@ def test_seeded_sampling_is_reproducible_and_per_request(model_dir):
     engine.shutdown()
 
 
-def test_stop_strings_cut_the_text(model_dir):
-    _, engine = load(model_dir, "tiny-llama")
+@pytest.mark.parametrize("overlap", [False, True], ids=["settled", "overlapped"])
+def test_stop_strings_cut_the_text(model_dir, overlap):
+    _, engine = load(model_dir, "tiny-llama", overlap_steps=overlap)
     engine._eos = set()
     free = "".join(c.text for c in run(engine, prompt="hello", temperature=0, max_tokens=20))
     word = free.split()[2]
@@ -80,8 +82,9 @@ def test_stop_strings_cut_the_text(model_dir):
     engine.shutdown()
 
 
-def test_cancel_frees_the_slot(model_dir):
-    _, engine = load(model_dir, "tiny-llama")
+@pytest.mark.parametrize("overlap", [False, True], ids=["settled", "overlapped"])
+def test_cancel_frees_the_slot(model_dir, overlap):
+    _, engine = load(model_dir, "tiny-llama", overlap_steps=overlap)
     engine._eos = set()
     stream = engine.submit(GenerationRequest(prompt="hello", temperature=0, max_tokens=200,
                                              request_id="gone"))
@@ -157,8 +160,9 @@ def test_unknown_and_missing_models_say_what_to_do(tmp_path):
     assert registry.resolve("smollm2").gguf_file.endswith(".gguf")
 
 
-def test_slots_of_finished_rows_are_reused_without_changing_answers(model_dir):
-    loaded, engine = load(model_dir, "tiny-gpt2", max_batch_size=4)
+@pytest.mark.parametrize("overlap", [False, True], ids=["settled", "overlapped"])
+def test_slots_of_finished_rows_are_reused_without_changing_answers(model_dir, overlap):
+    loaded, engine = load(model_dir, "tiny-gpt2", max_batch_size=4, overlap_steps=overlap)
     engine._eos = set()
     prompts = [("hello world", 3), ("red", 40), ("the cat is a dog", 5), ("what is", 30),
                ("blue green red", 7), ("yes no yes", 9), ("one two", 4), ("capital of", 12)]
@@ -172,11 +176,12 @@ def test_slots_of_finished_rows_are_reused_without_changing_answers(model_dir):
     engine.shutdown()
 
 
-def test_cache_shifts_and_grows_without_changing_answers(model_dir):
+@pytest.mark.parametrize("overlap", [False, True], ids=["settled", "overlapped"])
+def test_cache_shifts_and_grows_without_changing_answers(model_dir, overlap):
     """Late joiners with prompts longer than the batch's history (history moves right), long
     answers past the first column chunk (the cache grows) and past the second one while the
     oldest rows are gone (history moves left instead of growing): answers stay exact."""
-    loaded, engine = load(model_dir, "tiny-llama", max_batch_size=3)
+    loaded, engine = load(model_dir, "tiny-llama", max_batch_size=3, overlap_steps=overlap)
     engine._eos = set()
     long_prompt = " ".join(["the cat is a dog of no"] * 6)
     submitted = {}

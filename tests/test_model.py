@@ -63,3 +63,25 @@ def test_cli_ask_prints_paris_and_the_worker(smollm2_url):
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
     assert "Worker Node #" in done.stderr
+
+
+def test_streamed_text_equals_decoding_the_whole_answer():
+    """Detokenization looks at a few tokens at a time; with SmolLM2's byte-level tokenizer the
+    pieces must still add up to the full decode (accents, CJK, emoji split across tokens)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from ray_inference.engine.text import TextTracker
+    from ray_inference.models import registry
+
+    source = registry.resolve("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file,
+                                              local_files_only=True)
+    text = "Héllo wörld! 東京は日本の首都です。 The capital of France is Paris 🇫🇷. x=1+2;"
+    rng = random.Random(1)
+    ids = tokenizer(text)["input_ids"]
+    for sequence in (ids, ids + [rng.randrange(tokenizer.vocab_size) for _ in range(300)]):
+        tracker = TextTracker(tokenizer)
+        streamed = "".join(tracker.add(i) for i in sequence) + tracker.flush()
+        assert streamed == tokenizer.decode(sequence, skip_special_tokens=True)

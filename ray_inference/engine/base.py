@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -22,42 +23,89 @@ from ray_inference.engine.types import Chunk, GenerationRequest
 from ray_inference.errors import ContextLengthExceeded, InvalidRequest, Overloaded
 
 log = logging.getLogger(__name__)
-_END = object()
+class Outbox:
+    """Chunks for streams read on event loops, handed over once per engine step: each loop is
+    woken once per step, not once per chunk (with a hundred rows, that is most of a step)."""
+
+    def __init__(self):
+        self.owner: int | None = None  # the engine thread; other threads hand over directly
+        self._batches: dict[asyncio.AbstractEventLoop, list] = {}
+
+    def add(self, loop: asyncio.AbstractEventLoop, target: asyncio.Queue, item) -> None:
+        self._batches.setdefault(loop, []).append((target, item))
+
+    def flush(self) -> None:
+        batches, self._batches = self._batches, {}
+        for loop, batch in batches.items():
+            # A closed loop means the reader is gone: nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list) -> None:
+    for target, item in batch:
+        target.put_nowait(item)
 
 
 class RequestStream:
     """Chunks of one request, readable with `for` (threads) or `async for` (an event loop)."""
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None,
+                 outbox: Outbox | None = None):
         self.request_id = request_id
         self._loop = loop
+        self._outbox = outbox
         self._queue: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop else queue.SimpleQueue()
         self.finished = False
 
     def push(self, item: Chunk | BaseException) -> None:
         """Called by the engine thread."""
-        if self._loop is not None:
-            # A closed loop means the reader is gone: nobody is listening any more.
+        if self._loop is None:
+            self._queue.put(item)
+        elif self._outbox is not None and self._outbox.owner == threading.get_ident():
+            self._outbox.add(self._loop, self._queue, item)
+        else:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        else:
-            self._queue.put(item)
 
-    def _accept(self, item: Any) -> Chunk:
-        if isinstance(item, BaseException):
+    def _ready(self, first: Any) -> list:
+        """`first` and whatever else arrived meanwhile, up to the end of the stream."""
+        items = [first]
+        while not isinstance(items[-1], BaseException) and items[-1].finish_reason is None:
+            try:
+                items.append(self._queue.get_nowait())
+            except (queue.Empty, asyncio.QueueEmpty):
+                break
+        return items
+
+    def _accept(self, items: list):
+        """One chunk for everything that piled up (a slow reader catches up in one go), then
+        the error, if the stream ended with one."""
+        chunks = [i for i in items if not isinstance(i, BaseException)]
+        if chunks:
+            if chunks[-1].finish_reason is not None:
+                self.finished = True
+            yield merge_chunks(chunks)
+        if isinstance(items[-1], BaseException):
             self.finished = True
-            raise item
-        if item.finish_reason is not None:
-            self.finished = True
-        return item
+            raise items[-1]
 
     def __iter__(self):
         while not self.finished:
-            yield self._accept(self._queue.get())
+            yield from self._accept(self._ready(self._queue.get()))
 
     async def __aiter__(self):
         while not self.finished:
-            yield self._accept(await self._queue.get())
+            for chunk in self._accept(self._ready(await self._queue.get())):
+                yield chunk
+
+
+def merge_chunks(chunks: list[Chunk]) -> Chunk:
+    """Consecutive chunks of one request as one: text and tokens joined, the rest from the last."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return dataclasses.replace(chunks[-1], text="".join(c.text for c in chunks),
+                               token_ids=[t for c in chunks for t in c.token_ids])
 
 
 @dataclass
@@ -104,6 +152,7 @@ class Engine:
         self._cancelled: set[str] = set()
         self._wake = threading.Condition()
         self._stopping = False
+        self._outbox = Outbox()
         self._thread = threading.Thread(target=self._loop, name=f"engine-{loaded.name}",
                                         daemon=True)
         self._thread.start()
@@ -114,7 +163,8 @@ class Engine:
         """Validate and queue; raises InvalidRequest/Overloaded at once, never later."""
         prompt_ids = self.prepare_prompt(request)
         max_new = self._max_new_tokens(request, len(prompt_ids) + len(request.resume_ids))
-        pending = Pending(request, RequestStream(request.request_id, loop), prompt_ids, max_new)
+        pending = Pending(request, RequestStream(request.request_id, loop, self._outbox), prompt_ids,
+                          max_new)
         if pending.budget > self.config.max_tokens_in_flight:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_new}) exceeds this "
@@ -216,6 +266,7 @@ class Engine:
             generation_s=now - pending.started_at, batch_size=len(self._running)))
 
     def _loop(self) -> None:
+        self._outbox.owner = threading.get_ident()
         while True:
             with self._wake:
                 while not self._stopping and not self._waiting and not self._running:
@@ -228,6 +279,8 @@ class Engine:
             except Exception as exc:  # a failed step must not leave callers waiting forever
                 log.exception("engine step failed")
                 self._fail_all(exc)
+            finally:
+                self._outbox.flush()
 
     def _fail_all(self, exc: Exception) -> None:
         with self._wake:

@@ -33,6 +33,15 @@ MAX_PREFILL_TOKENS = 4096
 
 
 @dataclass
+class _Launched:
+    """A decode step whose tokens have not been handed out yet."""
+
+    rows: list  # the batch's rows when the step was launched
+    tokens: torch.Tensor
+    ready: torch.cuda.Event | None = None
+
+
+@dataclass
 class _Row:
     pending: Pending
     params: SamplingParams
@@ -61,6 +70,9 @@ class CausalEngine(Engine):
         self._graphs = (DecodeGraphs(self._forward, self._dtype)
                         if self._device.type == "cuda" and getattr(config, "cuda_graphs", True)
                         else None)
+        overlap = getattr(config, "overlap_steps", None)
+        self._overlap = self._device.type == "cuda" if overlap is None else overlap
+        self._launched: _Launched | None = None
         # A row never spans more columns than its prompt plus its new tokens.
         self._max_columns = min(loaded.context_length, config.max_tokens_in_flight) + 1
         super().__init__(loaded, config)
@@ -99,6 +111,7 @@ class CausalEngine(Engine):
         room = self.config.max_batch_size - len(live)
         admitted = self._take_waiting(room, budget_left) if room > 0 else []
         if admitted:
+            self._settle_launched()
             self._prefill(admitted)
         if self._live():
             self._decode()
@@ -262,10 +275,35 @@ class CausalEngine(Engine):
         live = len(self._live())
         self.stats.batch_sizes[live] += 1
         self.stats.max_batch = max(self.stats.max_batch, live)
-        keep = set(self._emit(self._rows, tokens.tolist()))
-        for i, row in enumerate(self._rows):
+        if not self._overlap:
+            self._settle(_Launched(list(self._rows), tokens))
+            return
+        # The next step only needs `_last` and `_positions`, which stay on the device: settle
+        # the previous step (text, streams, finished rows) while this one runs.
+        launched = _Launched(list(self._rows), tokens.to("cpu", non_blocking=True))
+        if self._device.type == "cuda":
+            launched.ready = torch.cuda.Event()
+            launched.ready.record()
+        previous, self._launched = self._launched, launched
+        if previous is not None:
+            self._settle(previous)
+
+    def _settle(self, launched: _Launched) -> None:
+        """Hand out a step's tokens. Rows that left since it was launched are skipped (their
+        extra token is dropped); nobody took their slot, since admission settles first."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        rows = [row if i < len(self._rows) and self._rows[i] is row else None
+                for i, row in enumerate(launched.rows)]
+        keep = set(self._emit(rows, launched.tokens.tolist()))
+        for i, row in enumerate(rows):
             if row is not None and i not in keep:
                 self._free(i)
+
+    def _settle_launched(self) -> None:
+        if self._launched is not None:
+            launched, self._launched = self._launched, None
+            self._settle(launched)
 
     def _emit(self, rows: list[_Row], tokens: list[int]) -> list[int]:
         """Send each row's token; returns the indexes of rows that go on."""
@@ -353,6 +391,10 @@ class CausalEngine(Engine):
         live = [i for i, r in enumerate(self._rows) if r is not None]
         idle = len(self._rows) - len(live)
         if idle and not waiting and idle * 4 >= len(self._rows):
+            self._settle_launched()
+            live = [i for i, r in enumerate(self._rows) if r is not None]
+            if not live:
+                return
             index = torch.tensor(live, device=self._device)
             self._kv.move_rows(index)
             for tensor in (self._positions, self._last):
@@ -361,5 +403,6 @@ class CausalEngine(Engine):
 
     def reset(self) -> None:
         self._rows, self._running, self._column = [], [], 0
+        self._launched = None  # only rows that already left can still be in it
         if self._graphs is None:  # CPU memory goes back; a GPU keeps its buffers and graphs
             self._kv = self._positions = self._last = None
