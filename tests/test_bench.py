@@ -15,10 +15,14 @@ def test_offline_bench_compares_variants_side_by_side(tmp_path):
     lines = []
     out = tmp_path / "bench.json"
     rows = run([2], min_tokens=3, max_tokens=5, sequential=1, seed=1, out=out, echo=lines.append)
-    assert [r.variant[0] for r in rows] == ["a", "b", "c"]
+    assert [(r.variant[0], r.concurrency) for r in rows] == [("a", 1), ("c", 1), ("b", 2),
+                                                               ("c", 2)]
     assert all(r.tokens > 0 and r.tok_s > 0 for r in rows)
-    assert rows[1].tokens == rows[2].tokens  # the same work through (b) and (c)
+    assert rows[2].tokens == rows[3].tokens  # the same work through (b) and (c)
     saved = json.loads(out.read_text())
-    assert len(saved["rows"]) == 3
+    assert len(saved["rows"]) == 4
     assert out.with_suffix(".png").stat().st_size > 1000
     assert any("x (a)" in line for line in lines)
+    # TTFT at 2 clients is put against the single-client TTFT of the same variant.
+    ratio = next(line for line in lines if "engine, 2 clients" in line).split()[-2]
+    assert float(ratio) > 0

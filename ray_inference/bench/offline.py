@@ -161,17 +161,28 @@ def gateway_run(url: str, model: str, work: Workload, concurrency: int, seed: in
                result.tokens, result.seconds, summary["ttft_p50_s"], result.errors)
 
 
+def _single_ttft(rows: list[Row], prefix: str) -> float | None:
+    return next((r.ttft_p50_s for r in rows if r.variant.startswith(prefix)
+                 and r.concurrency == 1), None)
+
+
 def table(rows: list[Row], echo: Callable[[str], None]) -> None:
+    """Ratios: tok/s against (a) and against (b) of the same size; p50 TTFT against the same
+    variant's single-client p50 TTFT."""
     base_a = next((r.tok_s for r in rows if r.variant.startswith("a")), None)
-    echo(f"\n{'variant':<40} {'tok/s':>8} {'x (a)':>7} {'x (b)':>7} {'TTFT p50':>9} {'errors':>6}")
+    echo(f"\n{'variant':<40} {'tok/s':>8} {'x (a)':>7} {'x (b)':>7} {'TTFT p50':>9} "
+         f"{'x 1 client':>10} {'errors':>6}")
     for row in rows:
         same_b = next((r.tok_s for r in rows if r.variant.startswith("b")
                        and r.concurrency == row.concurrency), None)
+        single = _single_ttft(rows, row.variant[:1])
         ratio_a = f"{row.tok_s / base_a:.2f}" if base_a else "-"
         ratio_b = f"{row.tok_s / same_b:.2f}" if same_b else "-"
         ttft = f"{row.ttft_p50_s:.2f}s" if row.ttft_p50_s is not None else "-"
+        ratio_ttft = (f"{row.ttft_p50_s / single:.2f}" if single and row.ttft_p50_s is not None
+                      else "-")
         echo(f"{row.variant:<40} {row.tok_s:>8.1f} {ratio_a:>7} {ratio_b:>7} {ttft:>9} "
-             f"{row.errors:>6}")
+             f"{ratio_ttft:>10} {row.errors:>6}")
 
 
 def plot(rows: list[Row], path: Path) -> None:
@@ -218,6 +229,11 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
     top = max(concurrency)
     work = Workload.make(2 * top, min_tokens, max_tokens, seed)
     steps.append(("a", lambda: one_at_a_time(loaded, work.head(sequential))))
+    # One client at a time: the single-request time to first token the others are held to.
+    steps.append(("c1", lambda: engine_run(loaded, work.head(sequential), 1)))
+    if url:
+        steps.append(("d1", lambda: gateway_run(url, model, work.head(sequential), 1, seed,
+                                                api_key)))
     for c in concurrency:
         part = work.head(2 * c)
         steps.append((f"b{c}", lambda part=part, c=c: static_batches(loaded, part, c)))

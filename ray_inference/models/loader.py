@@ -56,12 +56,27 @@ def _linear_seconds(dtype: torch.dtype, width: int, rows: int = 16, repeats: int
     return time.perf_counter() - start
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def pick_dtype(requested: str, device: torch.device, width: int = 576) -> torch.dtype:
-    """`auto` measures on CPUs: bf16 wins ~1.8x with AVX512-BF16/AMX and loses ~4x on AVX2."""
+    """`auto` measures on CPUs that have bf16 instructions (AVX512-BF16/AMX: bf16 wins 1.8-3.4x);
+    without them bf16 loses 1.5-6x, and a timing on a busy machine could still pick it."""
     if requested != "auto":
         return DTYPES[requested]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    flags = _cpu_flags()
+    if flags and not flags & {"avx512_bf16", "amx_bf16"}:
+        return torch.float32
     width = max(width, 512)  # tiny test models would measure noise
     fp32 = _linear_seconds(torch.float32, width)
     bf16 = _linear_seconds(torch.bfloat16, width)
