@@ -216,3 +216,18 @@ def test_cache_shifts_and_grows_without_changing_answers(model_dir, overlap):
     # Columns of rows that left are reused: never more than 256 columns for 3 slots.
     assert 0 < engine.stats.kv_bytes_peak <= 3 * 256 * per_slot_column
     engine.shutdown()
+
+
+def test_a_burst_is_prefilled_over_several_steps_within_the_budget(model_dir):
+    loaded, engine = load(model_dir, "tiny-llama", max_prefill_tokens=4)
+    engine._eos = set()
+    prompts = ["hello world", "the cat is a dog", "red blue", "what is the capital"]
+    streams = [engine.submit(GenerationRequest(prompt=p, temperature=0, max_tokens=10))
+               for p in prompts]
+    outputs = [[t for c in s for t in c.token_ids] for s in streams]
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output == reference(loaded, prompt, 10)
+    # At most 4 prompt tokens per step (a longer prompt goes alone): the first arrival decoded
+    # on its own before the others joined.
+    assert engine.stats.batch_sizes[1] >= 1 and engine.stats.max_batch == 4
+    engine.shutdown()

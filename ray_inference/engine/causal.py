@@ -27,9 +27,10 @@ from ray_inference.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 _GREEDY = SamplingParams(temperature=0.0)
-# Prefill at most this many prompt tokens per step, so running rows keep decoding while a burst
-# of new requests is admitted.
-MAX_PREFILL_TOKENS = 4096
+# Prompt tokens prefilled per step when engine.max_prefill_tokens is not set: a burst of
+# arrivals is admitted over several steps, so the first get their first token sooner and
+# running rows keep decoding meanwhile.
+PREFILL_TOKENS = {"cuda": 4096, "cpu": 256}
 
 
 @dataclass
@@ -73,6 +74,8 @@ class CausalEngine(Engine):
         overlap = getattr(config, "overlap_steps", None)
         self._overlap = self._device.type == "cuda" if overlap is None else overlap
         self._launched: _Launched | None = None
+        self._prefill_tokens = (getattr(config, "max_prefill_tokens", None)
+                                or PREFILL_TOKENS.get(self._device.type, 4096))
         # A row never spans more columns than its prompt plus its new tokens.
         self._max_columns = min(loaded.context_length, config.max_tokens_in_flight) + 1
         super().__init__(loaded, config)
@@ -128,11 +131,11 @@ class CausalEngine(Engine):
         return out.logits[:, -1, :]
 
     def _prefill(self, admitted: list[Pending]) -> None:
-        # A burst larger than MAX_PREFILL_TOKENS goes back to the queue's head for the next step.
+        # What exceeds the step's prefill budget goes back to the queue's head for the next step.
         batch, total = [], 0
         for pending in admitted:
             length = len(pending.prompt_ids) + len(pending.request.resume_ids)
-            if batch and total + length > MAX_PREFILL_TOKENS:
+            if batch and total + length > self._prefill_tokens:
                 break
             batch.append(pending)
             total += length
