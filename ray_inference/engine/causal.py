@@ -27,10 +27,9 @@ from ray_inference.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 _GREEDY = SamplingParams(temperature=0.0)
-# Prompt tokens prefilled per step when engine.max_prefill_tokens is not set: a burst of
-# arrivals is admitted over several steps, so the first get their first token sooner and
-# running rows keep decoding meanwhile.
-PREFILL_TOKENS = {"cuda": 4096, "cpu": 256}
+# Prompt tokens prefilled per step when engine.max_prefill_tokens is not set: a larger burst
+# of arrivals is admitted over several steps, and running rows keep decoding meanwhile.
+PREFILL_TOKENS = 4096
 
 
 @dataclass
@@ -74,8 +73,7 @@ class CausalEngine(Engine):
         overlap = getattr(config, "overlap_steps", None)
         self._overlap = self._device.type == "cuda" if overlap is None else overlap
         self._launched: _Launched | None = None
-        self._prefill_tokens = (getattr(config, "max_prefill_tokens", None)
-                                or PREFILL_TOKENS.get(self._device.type, 4096))
+        self._prefill_tokens = getattr(config, "max_prefill_tokens", None) or PREFILL_TOKENS
         # A row never spans more columns than its prompt plus its new tokens.
         self._max_columns = min(loaded.context_length, config.max_tokens_in_flight) + 1
         super().__init__(loaded, config)
