@@ -380,27 +380,37 @@ class CausalEngine(Engine):
         self._rows[slot] = None
 
     def _compact(self) -> None:
-        """Drop idle slots at the end of the batch for free; move live rows down only when
-        many slots are idle and nobody waits to take them."""
+        """Keep the batch dense when nobody waits for a free slot: the last live rows move into
+        the holes (a copy of those rows only), and idle slots at the end are dropped."""
+        with self._wake:
+            waiting = len(self._waiting)
+        if not waiting and None in self._rows and self._compaction_pays():
+            holes = [i for i, r in enumerate(self._rows) if r is None]
+            tail = [i for i in reversed(range(len(self._rows))) if self._rows[i] is not None]
+            moves = [(src, dst) for dst, src in zip(holes, tail, strict=False) if src > dst]
+            if moves:
+                self._settle_launched()  # its rows are known by slot
+                moves = [(s, d) for s, d in moves if self._rows[s] is not None]
+            if moves:
+                source = torch.tensor([s for s, _ in moves], device=self._device)
+                target = torch.tensor([d for _, d in moves], device=self._device)
+                self._kv.copy_rows(source, target)
+                for tensor in (self._positions, self._last):
+                    tensor.index_copy_(0, target, tensor.index_select(0, source))
+                for src, dst in moves:
+                    self._rows[dst], self._rows[src] = self._rows[src], None
         while self._rows and self._rows[-1] is None:
             self._rows.pop()
         if not self._rows:
             self.reset()
-            return
-        with self._wake:
-            waiting = len(self._waiting)
-        live = [i for i, r in enumerate(self._rows) if r is not None]
-        idle = len(self._rows) - len(live)
-        if idle and not waiting and idle * 4 >= len(self._rows):
-            self._settle_launched()
-            live = [i for i, r in enumerate(self._rows) if r is not None]
-            if not live:
-                return
-            index = torch.tensor(live, device=self._device)
-            self._kv.move_rows(index)
-            for tensor in (self._positions, self._last):
-                tensor[:len(live)] = tensor.index_select(0, index)
-            self._rows = [self._rows[i] for i in live]
+
+    def _compaction_pays(self) -> bool:
+        """On CPU every idle slot costs compute; a graph costs the same for any row count
+        inside its bucket, so there only a smaller bucket is worth a settle and a copy."""
+        if self._graphs is None:
+            return True
+        live = len(self._live())
+        return bucket(live, MIN_ROWS) < bucket(len(self._rows), MIN_ROWS)
 
     def reset(self) -> None:
         self._rows, self._running, self._column = [], [], 0

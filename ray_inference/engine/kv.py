@@ -92,11 +92,10 @@ class SlotKV:
         self.valid[slots] = False
         self.valid[slots, end - width:end] = mask.bool()
 
-    def move_rows(self, keep: torch.Tensor) -> None:
-        """Rows `keep` become rows 0..len(keep)-1 (the rest are left as they were)."""
-        count = len(keep)
+    def copy_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Rows `source` are copied onto rows `target` (the two sets must not overlap)."""
         for tensor in (*self.keys, *self.values, self.valid):
-            tensor[:count] = tensor.index_select(0, keep)
+            tensor.index_copy_(0, target, tensor.index_select(0, source))
 
     def attention_mask(self, rows: int, start: int, end: int, dtype: torch.dtype,
                        out: torch.Tensor | None = None) -> torch.Tensor:
