@@ -148,6 +148,18 @@ def test_text_tracker_holds_back_possible_stop_prefixes():
     assert tracker.flush() == ""
 
 
+def test_text_tracker_resumes_with_the_spacing_of_the_whole_text(model_dir):
+    """A resumed request's text continues exactly where the whole answer's decode would."""
+    loaded, engine = load(model_dir, "tiny-llama")
+    engine.shutdown()
+    tokenizer = loaded.tokenizer
+    ids = tokenizer("the cat is a dog of no red blue green")["input_ids"]
+    for cut in (1, 3, len(ids) - 1):
+        tracker = TextTracker(tokenizer, prefix_ids=ids[:cut])
+        rest = "".join(tracker.add(i) for i in ids[cut:]) + tracker.flush()
+        assert tokenizer.decode(ids[:cut]) + rest == tokenizer.decode(ids)
+
+
 def test_unknown_and_missing_models_say_what_to_do(tmp_path):
     with pytest.raises(ModelLoadError, match="unknown model 'nonsense'"):
         registry.resolve("nonsense")

@@ -7,6 +7,9 @@ Text is released only when it can no longer change: an incomplete UTF-8 characte
 from __future__ import annotations
 
 
+RESUME_CONTEXT = 6
+
+
 class TextTracker:
     """Each new token is decoded together with the few before it (a window), never the whole
     answer again: cost per token stays constant however long the answer grows."""
@@ -24,8 +27,11 @@ class TextTracker:
         self.ids: list[int] = list(prefix_ids or [])
         self.text = self._decode(0, len(self.ids)) if self.ids else ""  # final text so far
         self.sent = len(self.text)
-        # ids[_window:_read] were already turned into text; ids[_read:] not yet.
-        self._window = self._read = len(self.ids)
+        # ids[_window:_read] were already turned into text; ids[_read:] not yet. After a
+        # resume, the window starts a few tokens back so that the next token is decoded in
+        # context (a space before a word, the rest of a character).
+        self._read = len(self.ids)
+        self._window = max(0, self._read - RESUME_CONTEXT)
         self.stopped = False
 
     def _decode(self, start: int, end: int | None = None) -> str:
