@@ -35,7 +35,10 @@ def make_config(models: list[str], **engine):
     return config.from_dict({
         "worker": {"num_cpus": 1, "models": models, "register_interval_s": 1.0,
                    "drain_timeout_s": 30},
-        "engine": {"max_batch_size": 32, **engine},
+        # fp32: tests compare greedy answers across workers, batches and resumes, and only
+        # fp32 gives the same tokens whatever else shares the batch (on CPUs with AMX, `auto`
+        # picks bf16, whose rounding depends on the batch's shape).
+        "engine": {"max_batch_size": 32, "dtype": "float32", **engine},
         "logging": {"level": "INFO", "events": 200},
     }, env={})
 

@@ -119,10 +119,20 @@ def test_killed_node_loses_no_request(resilient):
     assert killed.is_set()
     failures = [r for r in results if isinstance(r, Exception)]
     assert failures == [], failures
-    # Resumed requests continue from the tokens already sent: answers are identical.
-    assert len({(r["text"], r["completion_tokens"]) for r in results}) == 1
+    # 80 tokens each, also as words in the text: nothing sent twice, nothing skipped.
+    assert {r["completion_tokens"] for r in results} == {80}
+    assert {len(r["text"].split()) for r in results} == {80}
     moved = [r for r in results if r["retries"]]
     assert moved, "some requests were on the killed node and must have been retried"
     assert all(r["route"]["actor_id"] not in victims for r in moved)
-    events = [e["event"] for e in ray.get(resilient.coordinator.events.remote(200))]
-    assert "request retried" in events
+    # A moved request continues from the tokens already sent instead of starting over: up to
+    # the move it is word for word (the tiny tokenizer has one token per word) the answer of
+    # a request that was never moved. After it, greedy answers may differ in a near-tie:
+    # floating-point sums depend on which other requests share the batch.
+    retried = {e["request_id"]: e["tokens_sent"]
+               for e in ray.get(resilient.coordinator.events.remote(200))
+               if e["event"] == "request retried"}
+    reference = next(r["text"] for r in results if not r["retries"]).split()
+    for result in moved:
+        sent = retried[result["request_id"]]
+        assert result["text"].split()[:sent] == reference[:sent]
