@@ -148,6 +148,19 @@ def test_text_tracker_holds_back_possible_stop_prefixes():
     assert tracker.flush() == ""
 
 
+def test_a_resumed_request_continues_exactly_where_the_answer_was_cut(model_dir):
+    _, engine = load(model_dir, "tiny-llama")
+    engine._eos = set()
+    full = [t for c in run(engine, prompt="hello world the cat", temperature=0, max_tokens=40)
+            for t in c.token_ids]
+    for cut in (1, 13, 39):
+        chunks = run(engine, prompt="hello world the cat", temperature=0, max_tokens=40,
+                     resume_ids=full[:cut])
+        assert [t for c in chunks for t in c.token_ids] == full[cut:]
+        assert chunks[-1].completion_tokens == 40
+    engine.shutdown()
+
+
 def test_text_tracker_resumes_with_the_spacing_of_the_whole_text(model_dir):
     """A resumed request's text continues exactly where the whole answer's decode would."""
     loaded, engine = load(model_dir, "tiny-llama")
