@@ -6,7 +6,6 @@ Text is released only when it can no longer change: an incomplete UTF-8 characte
 
 from __future__ import annotations
 
-
 RESUME_CONTEXT = 6
 
 
