@@ -139,9 +139,10 @@ async def _drive(engine, prompts, lengths):
 
 
 def engine_run(loaded, prompts, lengths, batch, graphs, overlap=None):
+    # Every field of EngineConfig (pydantic is not on the GPU machine).
     config = SimpleNamespace(max_batch_size=batch, max_queue=len(prompts) + 1,
                              max_tokens_in_flight=10_000_000, default_max_tokens=128,
-                             cuda_graphs=graphs, overlap_steps=overlap)
+                             max_prefill_tokens=4096, cuda_graphs=graphs, overlap_steps=overlap)
     engine = create_engine(loaded, config)
     # Warm up (CUDA graphs are captured here, once per bucket), then measure.
     asyncio.run(_drive(engine, prompts, lengths))

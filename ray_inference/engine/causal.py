@@ -27,9 +27,6 @@ from ray_inference.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 _GREEDY = SamplingParams(temperature=0.0)
-# Prompt tokens prefilled per step when engine.max_prefill_tokens is not set: a larger burst
-# of arrivals is admitted over several steps, and running rows keep decoding meanwhile.
-PREFILL_TOKENS = 4096
 
 
 @dataclass
@@ -68,12 +65,10 @@ class CausalEngine(Engine):
         self._positions: torch.Tensor | None = None  # next position id per slot
         self._last: torch.Tensor | None = None  # last sampled token per slot
         self._graphs = (DecodeGraphs(self._forward, self._dtype)
-                        if self._device.type == "cuda" and getattr(config, "cuda_graphs", True)
-                        else None)
-        overlap = getattr(config, "overlap_steps", None)
+                        if self._device.type == "cuda" and config.cuda_graphs else None)
+        overlap = config.overlap_steps
         self._overlap = self._device.type == "cuda" if overlap is None else overlap
         self._launched: _Launched | None = None
-        self._prefill_tokens = getattr(config, "max_prefill_tokens", None) or PREFILL_TOKENS
         # A row never spans more columns than its prompt plus its new tokens.
         self._max_columns = min(loaded.context_length, config.max_tokens_in_flight) + 1
         super().__init__(loaded, config)
@@ -133,7 +128,7 @@ class CausalEngine(Engine):
         batch, total = [], 0
         for pending in admitted:
             length = len(pending.prompt_ids) + len(pending.request.resume_ids)
-            if batch and total + length > self._prefill_tokens:
+            if batch and total + length > self.config.max_prefill_tokens:
                 break
             batch.append(pending)
             total += length
@@ -339,23 +334,6 @@ class CausalEngine(Engine):
             self._finish(pending, reason, delta, ids,
                          len(row.generated) + len(pending.request.resume_ids))
         return keep
-
-    def _drop_cancelled(self) -> None:
-        cancelled = self._take_cancelled()
-        if not cancelled:
-            return
-        with self._wake:  # cancelled while still waiting
-            for pending in [p for p in self._waiting if p.request.request_id in cancelled]:
-                self._waiting.remove(pending)
-                pending.stream.push(Chunk(pending.request.request_id, finish_reason="cancelled"))
-        gone = [(i, r) for i, r in enumerate(self._rows)
-                if r is not None and r.pending.request.request_id in cancelled]
-        for i, _ in gone:
-            self._free(i)
-        self._running = [r.pending for r in self._live()]
-        for _, row in gone:  # told only once the slot is free, so load() is already right
-            row.pending.stream.push(Chunk(row.pending.request.request_id,
-                                          finish_reason="cancelled"))
 
     def _drop_cancelled(self) -> None:
         cancelled = self._take_cancelled()
