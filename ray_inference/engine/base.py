@@ -23,6 +23,8 @@ from ray_inference.engine.types import Chunk, GenerationRequest
 from ray_inference.errors import ContextLengthExceeded, InvalidRequest, Overloaded
 
 log = logging.getLogger(__name__)
+
+
 class Outbox:
     """Chunks for streams read on event loops, handed over once per engine step: each loop is
     woken once per step, not once per chunk (with a hundred rows, that is most of a step)."""

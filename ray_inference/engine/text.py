@@ -38,12 +38,13 @@ class TextTracker:
             return self._backend.decode(self.ids[start:end], skip_special_tokens=True)
         return self._tokenizer.decode(self.ids[start:end], skip_special_tokens=True)
 
-    def _advance(self) -> None:
-        """Append the text of tokens not yet decoded, unless it ends inside a character."""
+    def _advance(self, final: bool = False) -> None:
+        """Append the text of tokens not yet decoded, unless it ends inside a character (at
+        the end of the answer, such an unfinished character is dropped instead)."""
         before = self._decode(self._window, self._read)
         after = self._decode(self._window)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before):].rstrip("\ufffd")
             self._window, self._read = self._read, len(self.ids)
 
     def add(self, token_id: int) -> str:
@@ -73,10 +74,6 @@ class TextTracker:
         """The held-back tail, once generation ended without a stop string."""
         if self.stopped:
             return ""
-        before = self._decode(self._window, self._read)
-        after = self._decode(self._window)
-        if len(after) > len(before):
-            self.text += after[len(before):].rstrip("\ufffd")
-            self._window = self._read = len(self.ids)
+        self._advance(final=True)
         delta, self.sent = self.text[self.sent:], max(self.sent, len(self.text))
         return delta
