@@ -30,17 +30,21 @@ def reference(loaded, prompt: str, max_new: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
+def assert_all_match_generate(loaded, engine, prompts: list[tuple[str, int]]) -> None:
+    """Submit every (prompt, max_tokens) at once; each greedy answer must equal generate's."""
+    streams = [engine.submit(GenerationRequest(prompt=p, temperature=0, max_tokens=n))
+               for p, n in prompts]
+    for (prompt, n), stream in zip(prompts, streams, strict=True):
+        assert [t for c in stream for t in c.token_ids] == reference(loaded, prompt, n), prompt
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["settled", "overlapped"])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_batched_greedy_matches_one_at_a_time_generate(model_dir, name, overlap):
     loaded, engine = load(model_dir, name, overlap_steps=overlap)
     engine._eos = set()  # compare raw token streams with generate's
     prompts = ["hello world", "what is the capital of france ?", "red", "the cat is a dog of no"]
-    streams = [engine.submit(GenerationRequest(prompt=p, temperature=0, max_tokens=12))
-               for p in prompts]
-    outputs = [[t for c in s for t in c.token_ids] for s in streams]
-    for prompt, output in zip(prompts, outputs, strict=True):
-        assert output == reference(loaded, prompt, 12)
+    assert_all_match_generate(loaded, engine, [(p, 12) for p in prompts])
     assert engine.stats.max_batch > 1
     engine.shutdown()
 
@@ -191,11 +195,7 @@ def test_slots_of_finished_rows_are_reused_without_changing_answers(model_dir, o
     engine._eos = set()
     prompts = [("hello world", 3), ("red", 40), ("the cat is a dog", 5), ("what is", 30),
                ("blue green red", 7), ("yes no yes", 9), ("one two", 4), ("capital of", 12)]
-    streams = [engine.submit(GenerationRequest(prompt=p, temperature=0, max_tokens=n))
-               for p, n in prompts]
-    outputs = [[t for c in s for t in c.token_ids] for s in streams]
-    for (prompt, n), output in zip(prompts, outputs, strict=True):
-        assert output == reference(loaded, prompt, n)
+    assert_all_match_generate(loaded, engine, prompts)
     assert engine.stats.max_batch == 4
     assert engine.load() == {"running": 0, "waiting": 0}
     engine.shutdown()
@@ -247,11 +247,7 @@ def test_a_burst_is_prefilled_over_several_steps_within_the_budget(model_dir):
     loaded, engine = load(model_dir, "tiny-llama", max_prefill_tokens=4)
     engine._eos = set()
     prompts = ["hello world", "the cat is a dog", "red blue", "what is the capital"]
-    streams = [engine.submit(GenerationRequest(prompt=p, temperature=0, max_tokens=10))
-               for p in prompts]
-    outputs = [[t for c in s for t in c.token_ids] for s in streams]
-    for prompt, output in zip(prompts, outputs, strict=True):
-        assert output == reference(loaded, prompt, 10)
+    assert_all_match_generate(loaded, engine, [(p, 10) for p in prompts])
     # At most 4 prompt tokens per step (a longer prompt goes alone): the first arrival decoded
     # on its own before the others joined.
     assert engine.stats.batch_sizes[1] >= 1 and engine.stats.max_batch == 4
