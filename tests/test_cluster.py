@@ -116,11 +116,12 @@ def test_killed_node_loses_no_request(resilient):
         resilient.cluster.remove_node(node, allow_graceful=False)
         killed.set()
 
-    results = run_requests(16, max_tokens=80, during=kill)
+    # Long answers, so that the node dies while its requests are still streaming.
+    results = run_requests(16, max_tokens=200, during=kill)
     assert killed.is_set()
     failures = [r for r in results if isinstance(r, Exception)]
     assert failures == [], failures
-    assert {r["completion_tokens"] for r in results} == {80}
+    assert {r["completion_tokens"] for r in results} == {200}
     moved = [r for r in results if r["retries"]]
     assert moved, "some requests were on the killed node and must have been retried"
     assert all(r["route"]["actor_id"] not in victims for r in moved)
