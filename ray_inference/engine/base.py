@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ray_inference.engine.openmp import release_calling_thread_team
 from ray_inference.engine.types import Chunk, GenerationRequest
 from ray_inference.errors import ContextLengthExceeded, InvalidRequest, Overloaded
 
@@ -155,6 +156,9 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._outbox = Outbox()
+        # The caller (who loaded the model) is done with torch: its OpenMP team would only
+        # slow the engine thread's (see openmp.py).
+        release_calling_thread_team()
         self._thread = threading.Thread(target=self._loop, name=f"engine-{loaded.name}",
                                         daemon=True)
         self._thread.start()
