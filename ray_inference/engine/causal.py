@@ -255,11 +255,10 @@ class CausalEngine(Engine):
                 self._make_room(self._column + 1 - first, shift=first)
                 first = 0
             self._kv.valid[:rows, self._column] = True
-            write_at = torch.tensor([self._column], device=self._device)
             end = self._column + 1
             mask = self._kv.attention_mask(rows, first, end, self._dtype)
             logits = self._forward(self._last[:rows, None], mask, self._positions[:rows, None],
-                                   self._kv.view(rows, first, end, write_at))
+                                   self._kv.view(rows, first, end, self._column))
         self._column += 1
         count = len(self._rows)
         tokens = sample(logits[:count], [r.params if r else _GREEDY for r in self._rows])
