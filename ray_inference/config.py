@@ -89,13 +89,16 @@ class EngineConfig(_Section):
     max_tokens_in_flight: int = Field(65_536, ge=64)
     default_max_tokens: int = Field(128, ge=1)
     torch_threads: int | None = Field(None, ge=1, le=1024)
-    # Replay each decode step as a CUDA graph (GPU workers only; ignored on CPUs).
     # Prompt tokens prefilled per step; lower lets the first of a burst of arrivals start
     # sooner, but on CPUs (measured at 128 and 256) it raised the p50 TTFT.
     max_prefill_tokens: int = Field(4096, ge=1)
+    # Replay each decode step as a CUDA graph (GPU workers only; ignored on CPUs).
     cuda_graphs: bool = True
     # Hand out a decode step's tokens while the next step runs (default: on GPUs only).
     overlap_steps: bool | None = None
+    # Stream messages per second one actor sends over all its requests: under load each
+    # request's tokens go out together every (running requests / this) seconds. 0: no limit.
+    stream_messages_per_s: int = Field(100, ge=0)
 
 
 class LoggingConfig(_Section):

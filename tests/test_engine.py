@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -252,3 +253,30 @@ def test_a_burst_is_prefilled_over_several_steps_within_the_budget(model_dir):
     # on its own before the others joined.
     assert engine.stats.batch_sizes[1] >= 1 and engine.stats.max_batch == 4
     engine.shutdown()
+
+
+def test_paced_streams_send_fewer_chunks_and_lose_nothing(model_dir):
+    """Under a pause, what is made meanwhile goes out as one chunk; tokens, text and the end
+    are the same as when every token is sent at once."""
+    _, engine = load(model_dir, "tiny-llama")
+
+    async def read(pause: float) -> list:
+        request = GenerationRequest(prompt="the answer is", max_tokens=40, temperature=0,
+                                    ignore_eos=True)
+        stream = engine.submit(request, asyncio.get_running_loop())
+        return [chunk async for chunk in stream.paced(lambda: pause)]
+
+    async def main() -> tuple[list, list]:
+        return await read(0.0), await read(0.05)
+
+    try:
+        every, paced = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    tokens = [t for c in every for t in c.token_ids]
+    assert len(tokens) == 40
+    assert [t for c in paced for t in c.token_ids] == tokens
+    assert "".join(c.text for c in paced) == "".join(c.text for c in every)
+    assert paced[-1].finish_reason == every[-1].finish_reason == "length"
+    assert [c.finish_reason for c in paced[:-1]] == [None] * (len(paced) - 1)
+    assert len(paced) < len(every), (len(paced), len(every))

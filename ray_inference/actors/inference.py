@@ -38,6 +38,7 @@ class InferenceActor:
         device = loader.pick_device(prefer_gpu=use_gpu)
         self._loaded = loader.load(registry.resolve(model_entry), engine_config.dtype, device)
         self._engine = create_engine(self._loaded, engine_config)
+        self._messages_per_s = engine_config.stream_messages_per_s
         context = ray.get_runtime_context()
         self._info = {
             **self._loaded.describe(),
@@ -68,7 +69,7 @@ class InferenceActor:
         started = time.perf_counter()
         last = None
         try:
-            async for chunk in stream:
+            async for chunk in stream.paced(self._stream_pause):
                 last = chunk
                 yield chunk.to_dict()
         finally:
@@ -76,6 +77,15 @@ class InferenceActor:
                 self._engine.cancel(parsed.request_id)
             self._served += 1
             self._log_request(parsed, last, route, time.perf_counter() - started)
+
+    def _stream_pause(self) -> float:
+        """How long a request's next chunk waits after one was sent. Every message costs the
+        actor, the gateway and the client CPU time, so this actor sends at most
+        `stream_messages_per_s` in all: under load each request's tokens go out together,
+        while a lone request still streams every token."""
+        if not self._messages_per_s:
+            return 0.0
+        return self._engine.load()["running"] / self._messages_per_s
 
     def _log_request(self, request: GenerationRequest, last, route: dict, elapsed: float) -> None:
         prompt = request.prompt if request.messages is None else request.messages[-1]["content"]

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +75,7 @@ class RequestStream:
     def _ready(self, first: Any) -> list:
         """`first` and whatever else arrived meanwhile, up to the end of the stream."""
         items = [first]
-        while not isinstance(items[-1], BaseException) and items[-1].finish_reason is None:
+        while not _ends(items[-1]):
             try:
                 items.append(self._queue.get_nowait())
             except (queue.Empty, asyncio.QueueEmpty):
@@ -97,10 +98,28 @@ class RequestStream:
         while not self.finished:
             yield from self._accept(self._ready(self._queue.get()))
 
-    async def __aiter__(self):
+    def __aiter__(self):
+        return self.paced(lambda: 0.0)
+
+    async def paced(self, pause: Callable[[], float]):
+        """Like `async for`, but after each chunk the next waits `pause()` seconds, and what
+        arrives meanwhile goes out as one chunk. The first chunk and the end are never held."""
+        loop = asyncio.get_running_loop()
+        send_at = 0.0
         while not self.finished:
-            for chunk in self._accept(self._ready(await self._queue.get())):
+            items = self._ready(await self._queue.get())
+            while not _ends(items[-1]) and (left := send_at - loop.time()) > 0:
+                try:
+                    items += self._ready(await asyncio.wait_for(self._queue.get(), left))
+                except TimeoutError:
+                    break
+            for chunk in self._accept(items):
                 yield chunk
+            send_at = loop.time() + pause()
+
+
+def _ends(item: Chunk | BaseException) -> bool:
+    return isinstance(item, BaseException) or item.finish_reason is not None
 
 
 def merge_chunks(chunks: list[Chunk]) -> Chunk:

@@ -109,6 +109,7 @@ class CausalEngine(Engine):
         if admitted:
             self._settle_launched()
             self._prefill(admitted)
+            self._outbox.flush()  # first tokens go out now, not after this step's decode
         if self._live():
             self._decode()
         self._compact()

@@ -118,8 +118,10 @@ def create_app(router: Router, api_key: str | None = None, max_in_flight: int = 
             now = time.perf_counter()
             if timing["first"]:
                 metrics.ttft.labels(body.model).observe(now - started)
-            else:
-                metrics.itl.labels(body.model).observe(now - timing["last"])
+            else:  # a chunk may carry several tokens (paced streams): each gets its share
+                tokens = max(1, len(chunk["token_ids"]))
+                for _ in range(tokens):
+                    metrics.itl.labels(body.model).observe((now - timing["last"]) / tokens)
             timing["last"] = now
             if chunk["finish_reason"]:
                 metrics.e2e.labels(body.model).observe(now - started)
