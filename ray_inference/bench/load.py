@@ -1,8 +1,9 @@
 """HTTP load generator: N concurrent clients against the gateway, streaming, fixed seed.
 
 Each client sends chat requests back to back until the run has sent `requests` in total;
-time to first token, inter-token latency and end-to-end latency come from the SSE stream as
-the client sees it.
+time to first token, inter-token latency (per request: the time from its first to its last
+chunk over its tokens after the first) and end-to-end latency come from the SSE stream as the
+client sees it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class LoadResult:
     tokens: int = 0
     seconds: float = 0.0
     ttft: list[float] = field(default_factory=list)
+    # Every client's first request arrives at once: a cold-start burst. The rest arrive one
+    # by one as earlier answers end, the steady state that a busy cluster lives in.
+    ttft_steady: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
     e2e: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
@@ -45,16 +49,18 @@ class LoadResult:
             "tok_s": round(self.tokens / self.seconds, 2) if self.seconds else 0.0,
             "req_s": round(self.requests / self.seconds, 3) if self.seconds else 0.0,
             **{f"{name}_p{int(q * 100)}_s": pct(values, q)
-               for name, values in (("ttft", self.ttft), ("itl", self.itl), ("e2e", self.e2e))
+               for name, values in (("ttft", self.ttft), ("ttft_steady", self.ttft_steady),
+                                    ("itl", self.itl), ("e2e", self.e2e))
                for q in (0.5, 0.9, 0.99)},
             "ttft_mean_s": statistics.fmean(self.ttft) if self.ttft else None,
             "error_samples": self.error_samples[:5],
         }
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict, result: LoadResult) -> None:
+async def _one(client: httpx.AsyncClient, url: str, body: dict, result: LoadResult,
+               cold: bool) -> None:
     started = time.perf_counter()
-    last = None
+    first = last = None
     tokens = 0
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
@@ -68,10 +74,8 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, result: LoadResu
                 if "error" in chunk:
                     raise RuntimeError(chunk["error"]["message"])
                 now = time.perf_counter()
-                if last is None:
-                    result.ttft.append(now - started)
-                else:
-                    result.itl.append(now - last)
+                if first is None:
+                    first = now
                 last = now
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
@@ -82,6 +86,12 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, result: LoadResu
     result.requests += 1
     result.tokens += tokens
     result.e2e.append(time.perf_counter() - started)
+    if first is not None:
+        result.ttft.append(first - started)
+        if not cold:
+            result.ttft_steady.append(first - started)
+        if tokens > 1:  # per token: a chunk may carry several (the worker paces its streams)
+            result.itl.append((last - first) / (tokens - 1))
 
 
 async def run_load(url: str, model: str, concurrency: int, requests: int, min_tokens: int,
@@ -99,8 +109,10 @@ async def run_load(url: str, model: str, concurrency: int, requests: int, min_to
     async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=5), headers=headers,
                                  limits=limits) as client:
         async def worker() -> None:
+            cold = True
             while queue:
-                await _one(client, url, queue.pop(), result)
+                await _one(client, url, queue.pop(), result, cold)
+                cold = False
                 if progress:
                     progress(1)
 

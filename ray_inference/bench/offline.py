@@ -47,6 +47,8 @@ class Row:
     tokens: int
     seconds: float
     ttft_p50_s: float | None = None
+    # Without each client's first request (those arrive together, a cold-start burst).
+    ttft_steady_p50_s: float | None = None
     errors: int = 0
 
     @property
@@ -111,17 +113,17 @@ def engine_run(loaded, work: Workload, concurrency: int) -> Row:
 
     engine = create_engine(loaded, EngineConfig(max_batch_size=concurrency,
                                                 max_queue=len(work.lengths) + 1))
-    ttfts: list[float] = []
+    ttfts: list[tuple[float, bool]] = []  # (time to first token, the client's first request)
     tokens = [0]
     lock = threading.Lock()
     start = time.perf_counter()
 
-    def consume(stream, submitted: float) -> None:
+    def consume(stream, submitted: float, cold: bool) -> None:
         first = True
         for chunk in stream:
             with lock:
                 if first:
-                    ttfts.append(time.perf_counter() - submitted)
+                    ttfts.append((time.perf_counter() - submitted, cold))
                     first = False
                 tokens[0] += len(chunk.token_ids)
 
@@ -130,6 +132,7 @@ def engine_run(loaded, work: Workload, concurrency: int) -> Row:
     pending.reverse()
 
     def client() -> None:
+        cold = True
         while True:
             with lock:
                 if not pending:
@@ -137,7 +140,9 @@ def engine_run(loaded, work: Workload, concurrency: int) -> Row:
                 messages, length = pending.pop()
             submitted = time.perf_counter()
             consume(engine.submit(GenerationRequest(messages=messages, max_tokens=length,
-                                                    temperature=0, ignore_eos=True)), submitted)
+                                                    temperature=0, ignore_eos=True)),
+                    submitted, cold)
+            cold = False
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for thread in threads:
@@ -147,7 +152,8 @@ def engine_run(loaded, work: Workload, concurrency: int) -> Row:
     seconds = time.perf_counter() - start
     engine.shutdown()
     return Row(f"c: rayinfer engine, {concurrency} clients", concurrency, len(work.lengths),
-               tokens[0], seconds, statistics.median(ttfts))
+               tokens[0], seconds, statistics.median(t for t, _ in ttfts),
+               _median([t for t, cold in ttfts if not cold]))
 
 
 def gateway_run(url: str, model: str, work: Workload, concurrency: int, seed: int,
@@ -158,31 +164,42 @@ def gateway_run(url: str, model: str, work: Workload, concurrency: int, seed: in
                                   min(work.lengths), max(work.lengths), seed, api_key))
     summary = result.summary()
     return Row(f"d: full stack over HTTP, {concurrency} clients", concurrency, result.requests,
-               result.tokens, result.seconds, summary["ttft_p50_s"], result.errors)
+               result.tokens, result.seconds, summary["ttft_p50_s"], summary["ttft_steady_p50_s"],
+               result.errors)
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def _single_ttft(rows: list[Row], prefix: str) -> float | None:
-    return next((r.ttft_p50_s for r in rows if r.variant.startswith(prefix)
-                 and r.concurrency == 1), None)
+    """The same variant's p50 TTFT with one client (its requests after the first)."""
+    return next((r.ttft_steady_p50_s or r.ttft_p50_s for r in rows
+                 if r.variant.startswith(prefix) and r.concurrency == 1), None)
+
+
+def _seconds(value: float | None) -> str:
+    return f"{value:.2f}s" if value is not None else "-"
 
 
 def table(rows: list[Row], echo: Callable[[str], None]) -> None:
     """Ratios: tok/s against (a) and against (b) of the same size; p50 TTFT against the same
-    variant's single-client p50 TTFT."""
+    variant's single-client p50 TTFT, for all requests and for the steady state (without each
+    client's first request, which all arrive at once)."""
     base_a = next((r.tok_s for r in rows if r.variant.startswith("a")), None)
     echo(f"\n{'variant':<40} {'tok/s':>8} {'x (a)':>7} {'x (b)':>7} {'TTFT p50':>9} "
-         f"{'x 1 client':>10} {'errors':>6}")
+         f"{'x 1':>5} {'steady':>7} {'x 1':>5} {'errors':>6}")
     for row in rows:
         same_b = next((r.tok_s for r in rows if r.variant.startswith("b")
                        and r.concurrency == row.concurrency), None)
         single = _single_ttft(rows, row.variant[:1])
         ratio_a = f"{row.tok_s / base_a:.2f}" if base_a else "-"
         ratio_b = f"{row.tok_s / same_b:.2f}" if same_b else "-"
-        ttft = f"{row.ttft_p50_s:.2f}s" if row.ttft_p50_s is not None else "-"
-        ratio_ttft = (f"{row.ttft_p50_s / single:.2f}" if single and row.ttft_p50_s is not None
-                      else "-")
-        echo(f"{row.variant:<40} {row.tok_s:>8.1f} {ratio_a:>7} {ratio_b:>7} {ttft:>9} "
-             f"{ratio_ttft:>10} {row.errors:>6}")
+        ratios = [f"{value / single:.2f}" if single and value is not None else "-"
+                  for value in (row.ttft_p50_s, row.ttft_steady_p50_s)]
+        echo(f"{row.variant:<40} {row.tok_s:>8.1f} {ratio_a:>7} {ratio_b:>7} "
+             f"{_seconds(row.ttft_p50_s):>9} {ratios[0]:>5} {_seconds(row.ttft_steady_p50_s):>7} "
+             f"{ratios[1]:>5} {row.errors:>6}")
 
 
 def plot(rows: list[Row], path: Path) -> None:
@@ -194,7 +211,7 @@ def plot(rows: list[Row], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for prefix, label in (("b", "HF static batches"), ("c", "rayinfer engine"),
                           ("d", "full stack (HTTP)")):
-        series = sorted((r.concurrency, r.tok_s, r.ttft_p50_s) for r in rows
+        series = sorted((r.concurrency, r.tok_s, r.ttft_steady_p50_s) for r in rows
                         if r.variant.startswith(prefix))
         if not series:
             continue
@@ -205,7 +222,8 @@ def plot(rows: list[Row], path: Path) -> None:
     if single:
         left.axhline(single.tok_s, color="grey", linestyle="--", label="one at a time")
     left.set(xlabel="concurrent requests", ylabel="tokens / s", title="Throughput")
-    right.set(xlabel="concurrent requests", ylabel="seconds", title="p50 time to first token")
+    right.set(xlabel="concurrent requests", ylabel="seconds",
+              title="p50 time to first token, steady state")
     for axis in (left, right):
         axis.legend()
         axis.grid(alpha=0.3)
