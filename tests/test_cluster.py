@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 
@@ -105,19 +107,34 @@ def test_killed_node_loses_no_request(resilient):
     victims = set(agent.actor_ids)
     killed = threading.Event()
 
+    def made() -> tuple[int, int]:
+        """Tokens the victim has made so far, and its requests still running."""
+        described = ray.get([h.describe.remote() for h in agent.handles])
+        return (sum(d["engine"]["tokens"] for d in described),
+                sum(d["running"] for d in described))
+
+    before, _ = made()
+    pids = [d["pid"] for d in ray.get([h.describe.remote() for h in agent.handles])]
+
     def kill():
-        # Wait until the victim is actually serving some of the requests, then crash its node.
+        # Crash the victim's node once it has streamed tokens and is still answering: its
+        # requests must be moved mid-answer, not merely before they started.
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            loads = {a["actor_id"]: a["load"] for a in ray.get(resilient.coordinator.actors.remote())}
-            if any(loads.get(v, 0) for v in victims):
+            tokens, running = made()
+            if tokens - before >= 40 and running:
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
+        # A crashed machine takes every process with it at once; Ray's remove_node kills the
+        # raylet only, and its workers would keep streaming until they noticed.
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
         resilient.cluster.remove_node(node, allow_graceful=False)
         killed.set()
 
-    # Long answers, so that the node dies while its requests are still streaming.
-    results = run_requests(16, max_tokens=200, during=kill)
+    # Long answers, and more requests than a batch holds, so the victim is still busy when
+    # it dies (with 16 requests its answers sometimes all ended before the kill landed).
+    results = run_requests(32, max_tokens=200, during=kill)
     assert killed.is_set()
     failures = [r for r in results if isinstance(r, Exception)]
     assert failures == [], failures
