@@ -38,7 +38,6 @@ class InferenceActor:
         device = loader.pick_device(prefer_gpu=use_gpu)
         self._loaded = loader.load(registry.resolve(model_entry), engine_config.dtype, device)
         self._engine = create_engine(self._loaded, engine_config)
-        self._messages_per_s = engine_config.stream_messages_per_s
         context = ray.get_runtime_context()
         self._info = {
             **self._loaded.describe(),
@@ -83,9 +82,8 @@ class InferenceActor:
         actor, the gateway and the client CPU time, so this actor sends at most
         `stream_messages_per_s` in all: under load each request's tokens go out together,
         while a lone request still streams every token."""
-        if not self._messages_per_s:
-            return 0.0
-        return self._engine.load()["running"] / self._messages_per_s
+        per_second = self._engine.config.stream_messages_per_s
+        return self._engine.load()["running"] / per_second if per_second else 0.0
 
     def _log_request(self, request: GenerationRequest, last, route: dict, elapsed: float) -> None:
         prompt = request.prompt if request.messages is None else request.messages[-1]["content"]

@@ -110,7 +110,8 @@ class SlotKV:
     def view(self, rows: int, start: int, end: int, write_at: torch.Tensor | int) -> Cache:
         """A transformers Cache over slots [0, rows) and columns [start, end) that writes each
         layer's new K/V at column `write_at`: a 1-element device tensor where a CUDA graph
-        replays the step, else a plain int (a slice copy; index_copy_ costs 9x more on CPU)."""
+        replays the step, else a plain int (a slice copy: on CPU, 3.2 us against index_copy_'s
+        7.4 us for one 64-row bf16 column, and index_copy_ took 3.9 ms of every 64-row step)."""
         layers = [_SlotLayer(k, v, rows, start, end, write_at)
                   for k, v in zip(self.keys, self.values, strict=True)]
         return Cache(layers=layers)
