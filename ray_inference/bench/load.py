@@ -21,6 +21,15 @@ import httpx
 from ray_inference.bench.prompts import QUESTIONS
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    """The value at rank q (0-1) of the sorted values, None for none (every p50/p90/p99 the
+    benchmark prints, engine and full stack alike)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 @dataclass
 class LoadResult:
     concurrency: int
@@ -37,18 +46,12 @@ class LoadResult:
     error_samples: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
-        def pct(values: list[float], q: float) -> float | None:
-            if not values:
-                return None
-            ordered = sorted(values)
-            return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
         return {
             "concurrency": self.concurrency, "requests": self.requests, "errors": self.errors,
             "tokens": self.tokens, "seconds": round(self.seconds, 3),
             "tok_s": round(self.tokens / self.seconds, 2) if self.seconds else 0.0,
             "req_s": round(self.requests / self.seconds, 3) if self.seconds else 0.0,
-            **{f"{name}_p{int(q * 100)}_s": pct(values, q)
+            **{f"{name}_p{int(q * 100)}_s": percentile(values, q)
                for name, values in (("ttft", self.ttft), ("ttft_steady", self.ttft_steady),
                                     ("itl", self.itl), ("e2e", self.e2e))
                for q in (0.5, 0.9, 0.99)},

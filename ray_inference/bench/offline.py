@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ray_inference.bench.load import percentile
 from ray_inference.bench.prompts import QUESTIONS
 
 
@@ -152,8 +152,8 @@ def engine_run(loaded, work: Workload, concurrency: int) -> Row:
     seconds = time.perf_counter() - start
     engine.shutdown()
     return Row(f"c: rayinfer engine, {concurrency} clients", concurrency, len(work.lengths),
-               tokens[0], seconds, statistics.median(t for t, _ in ttfts),
-               _median([t for t, cold in ttfts if not cold]))
+               tokens[0], seconds, percentile([t for t, _ in ttfts], 0.5),
+               percentile([t for t, cold in ttfts if not cold], 0.5))
 
 
 def gateway_run(url: str, model: str, work: Workload, concurrency: int, seed: int,
@@ -166,10 +166,6 @@ def gateway_run(url: str, model: str, work: Workload, concurrency: int, seed: in
     return Row(f"d: full stack over HTTP, {concurrency} clients", concurrency, result.requests,
                result.tokens, result.seconds, summary["ttft_p50_s"], summary["ttft_steady_p50_s"],
                result.errors)
-
-
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def _single_ttft(rows: list[Row], prefix: str) -> float | None:
