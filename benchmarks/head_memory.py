@@ -15,39 +15,7 @@ import json
 import time
 from pathlib import Path
 
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            tree.setdefault(parent, []).append(int(entry.name))
-    return tree
-
-
-def _tree(root: int) -> list[int]:
-    children, found, todo = _children(), [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
-def _memory(pid: int) -> tuple[str, int, int] | None:
-    """(name, RSS bytes, PSS bytes) of one process."""
-    try:
-        name = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()[:60]
-        fields = dict(line.split(":", 1) for line in
-                      Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
-    except (OSError, ValueError):
-        return None
-    kib = {key: int(value.split()[0]) * 1024 for key, value in fields.items()}
-    return name, kib.get("Rss", 0), kib.get("Pss", 0)
+from ray_inference.bench.memory import command, process_tree, rss_pss
 
 
 def main() -> None:
@@ -56,19 +24,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--out", type=Path, help="also write the peaks here as JSON")
     args = parser.parse_args()
-    peak = {"rss_bytes": 0, "pss_bytes": 0, "processes": {}}
+    peak = {"rss_bytes": 0, "pss_bytes": 0}
+    processes: dict[int, dict] = {}  # by pid: a process's title changes while it works
     deadline = time.monotonic() + args.seconds
     while time.monotonic() < deadline and Path(f"/proc/{args.pid}").exists():
-        sample = [m for m in map(_memory, _tree(args.pid)) if m]
-        peak["rss_bytes"] = max(peak["rss_bytes"], sum(rss for _, rss, _ in sample))
-        peak["pss_bytes"] = max(peak["pss_bytes"], sum(pss for _, _, pss in sample))
-        for name, rss, _ in sample:
-            peak["processes"][name] = max(peak["processes"].get(name, 0), rss)
+        sample = {pid: memory for pid in process_tree(args.pid) if (memory := rss_pss(pid))}
+        peak["rss_bytes"] = max(peak["rss_bytes"], sum(rss for rss, _ in sample.values()))
+        peak["pss_bytes"] = max(peak["pss_bytes"], sum(pss for _, pss in sample.values()))
+        for pid, (rss, _) in sample.items():
+            seen = processes.setdefault(pid, {"command": command(pid)[:60], "rss_bytes": 0})
+            seen["rss_bytes"] = max(seen["rss_bytes"], rss)
         time.sleep(0.5)
+    peak["processes"] = sorted(processes.values(), key=lambda p: -p["rss_bytes"])
     print(f"head processes, peak sum: RSS {peak['rss_bytes'] / 2**20:.0f} MiB, "
           f"PSS {peak['pss_bytes'] / 2**20:.0f} MiB")
-    for name, rss in sorted(peak["processes"].items(), key=lambda item: -item[1]):
-        print(f"  {rss / 2**20:7.0f} MiB  {name}")
+    for process in peak["processes"]:
+        print(f"  {process['rss_bytes'] / 2**20:7.0f} MiB  {process['command']}")
     if args.out:
         args.out.write_text(json.dumps(peak, indent=2))
 

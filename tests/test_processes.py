@@ -18,6 +18,8 @@ import httpx
 import pytest
 import yaml
 
+from ray_inference.bench.memory import command, maps_library, process_tree
+
 pytestmark = pytest.mark.cluster
 RAYINFER = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "rayinfer")
 
@@ -126,43 +128,16 @@ def test_cli_ask_is_answered_by_a_worker_process(processes):
     assert {a["ip"] for a in view["actors"]} == {"127.0.0.2", "127.0.0.3"}
 
 
-def _process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        found.append(todo.pop())
-        todo.extend(children.get(found[-1], []))
-    return found
-
-
 def test_the_heads_processes_never_load_torch(processes):
     """The head only routes: its gateway and coordinator handle the inference actors' handles
     and chunks, yet never load torch (150-200 MB each when they did)."""
     for _ in range(4):
         assert ask(processes["url"]).status_code == 200
-    tree = _process_tree(processes["head"].pid)
+    tree = process_tree(processes["head"].pid)
     assert len(tree) > 3  # the gateway, the Ray head's processes, the coordinator
-    with_torch = []
-    for pid in tree:
-        try:
-            maps = Path(f"/proc/{pid}/maps").read_text()
-            name = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:80]
-        except OSError:
-            continue
-        if "libtorch" in maps:
-            with_torch.append(name)
-    assert with_torch == []
+    assert [command(pid) for pid in tree if maps_library(pid, "libtorch")] == []
     # ... while each worker's model actor does.
-    worker_tree = _process_tree(processes["workers"][0].pid)
-    assert any("libtorch" in Path(f"/proc/{pid}/maps").read_text() for pid in worker_tree
-               if Path(f"/proc/{pid}/maps").exists())
+    assert any(maps_library(pid, "libtorch") for pid in process_tree(processes["workers"][0].pid))
 
 
 def test_sigterm_drains_a_worker_without_failures(processes):
