@@ -107,21 +107,23 @@ def test_killed_node_loses_no_request(resilient):
     victims = set(agent.actor_ids)
     killed = threading.Event()
 
-    def made() -> tuple[int, int]:
-        """Tokens the victim has made so far, and its requests still running."""
-        described = ray.get([h.describe.remote() for h in agent.handles])
-        return (sum(d["engine"]["tokens"] for d in described),
-                sum(d["running"] for d in described))
+    def described() -> list[dict]:
+        return ray.get([h.describe.remote() for h in agent.handles])
 
-    before, _ = made()
-    pids = [d["pid"] for d in ray.get([h.describe.remote() for h in agent.handles])]
+    def made(now: list[dict]) -> tuple[int, int]:
+        """Tokens the victim has made so far, and its requests still running."""
+        return sum(d["engine"]["tokens"] for d in now), sum(d["running"] for d in now)
+
+    start = described()
+    before, _ = made(start)
+    pids = [d["pid"] for d in start]
 
     def kill():
         # Crash the victim's node once it has streamed tokens and is still answering: its
         # requests must be moved mid-answer, not merely before they started.
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            tokens, running = made()
+            tokens, running = made(described())
             if tokens - before >= 40 and running:
                 break
             time.sleep(0.02)
