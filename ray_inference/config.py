@@ -96,6 +96,9 @@ class EngineConfig(_Section):
     cuda_graphs: bool = True
     # Hand out a decode step's tokens while the next step runs (default: on GPUs only).
     overlap_steps: bool | None = None
+    # A request that arrives during a decode step is prefilled at the next layer boundary, not
+    # after the step (eager steps only: CPUs, or GPUs without graphs and overlap).
+    admit_between_layers: bool = True
     # Stream messages per second one actor sends over all its requests: under load each
     # request's tokens go out together every (running requests / this) seconds. 0: no limit.
     stream_messages_per_s: int = Field(100, ge=0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ray_inference.config import EngineConfig
-from ray_inference.engine import GenerationRequest, create_engine
+from ray_inference.engine import GenerationRequest, causal, create_engine
 from ray_inference.engine.text import TextTracker
 from ray_inference.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, Overloaded
 from ray_inference.models import loader, registry
@@ -62,6 +62,30 @@ def test_requests_join_a_running_batch(model_dir):
     assert late[-1].batch_size == 2  # it ran beside the long request
     assert [t for c in late for t in c.token_ids] == reference(loaded, "red blue green", 5)
     engine.shutdown()
+
+
+@pytest.mark.parametrize("admit", [True, False], ids=["between-layers", "at-step-start"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_a_request_arriving_mid_step_is_prefilled_between_layers(model_dir, name, admit):
+    loaded, engine = load(model_dir, name, admit_between_layers=admit)
+    engine._eos = set()
+    late: list = []
+
+    def arrive(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if not late and hidden.shape[1] == 1:  # inside the first decode step, after layer 0
+            late.append(engine.submit(GenerationRequest(prompt="red blue green", temperature=0,
+                                                        max_tokens=6)))
+
+    hook = causal._decoder_layers(loaded.model)[0].register_forward_hook(arrive, with_kwargs=True)
+    first = run(engine, prompt="hello world", temperature=0, max_tokens=20)
+    hook.remove()
+    assert [t for c in first for t in c.token_ids] == reference(loaded, "hello world", 20)
+    assert [t for c in late[0] for t in c.token_ids] == reference(loaded, "red blue green", 6)
+    assert engine.stats.admitted_between_layers == (1 if admit else 0)
+    engine.shutdown()
+    assert not loaded.model._forward_hooks and all(
+        not layer._forward_hooks for layer in causal._decoder_layers(loaded.model))
 
 
 def test_seeded_sampling_is_reproducible_and_per_request(model_dir):

@@ -39,6 +39,17 @@ class _Launched:
 
 
 @dataclass
+class _Prefilled:
+    """Freshly prefilled rows, not yet written into the batch's cache."""
+
+    rows: list
+    layers: list  # per layer: (keys, values) of these rows only
+    mask: torch.Tensor
+    lengths: list[int]
+    last: torch.Tensor  # each row's first sampled token
+
+
+@dataclass
 class _Row:
     pending: Pending
     params: SamplingParams
@@ -69,6 +80,14 @@ class CausalEngine(Engine):
         overlap = config.overlap_steps
         self._overlap = self._device.type == "cuda" if overlap is None else overlap
         self._launched: _Launched | None = None
+        # Arrivals during an eager decode step are prefilled at the next layer boundary
+        # (at most once per step) and join the batch when the step ends.
+        self._layer_hooks = []
+        self._armed = False
+        self._prefilled_midstep: _Prefilled | None = None
+        if config.admit_between_layers and not self._overlap:
+            self._layer_hooks = [layer.register_forward_hook(self._layer_done)
+                                 for layer in _decoder_layers(self._model)]
         # A row never spans more columns than its prompt plus its new tokens.
         self._max_columns = min(loaded.context_length, config.max_tokens_in_flight) + 1
         super().__init__(loaded, config)
@@ -102,17 +121,43 @@ class CausalEngine(Engine):
     # ---- the engine thread ---------------------------------------------------------------
     def step(self) -> None:
         self._drop_cancelled()
+        admitted = self._admissible()
+        if admitted:
+            self._settle_launched()
+            prefilled = self._prefill(admitted)
+            self._outbox.flush()  # first tokens go out now, not after this step's decode
+            if prefilled:
+                self._place(prefilled)
+        if self._live():
+            self._decode()
+        if self._prefilled_midstep:
+            prefilled, self._prefilled_midstep = self._prefilled_midstep, None
+            self._place(prefilled)
+        self._compact()
+
+    def _admissible(self) -> list[Pending]:
+        """Waiting requests that fit the batch's free rows and token budget."""
         live = self._live()
         budget_left = self.config.max_tokens_in_flight - sum(r.pending.budget for r in live)
         room = self.config.max_batch_size - len(live)
-        admitted = self._take_waiting(room, budget_left) if room > 0 else []
-        if admitted:
-            self._settle_launched()
-            self._prefill(admitted)
-            self._outbox.flush()  # first tokens go out now, not after this step's decode
-        if self._live():
-            self._decode()
-        self._compact()
+        return self._take_waiting(room, budget_left) if room > 0 else []
+
+    def _layer_done(self, module, args, output) -> None:
+        """Forward hook of every decoder layer. On a CPU a decode step takes 40-100 ms; a
+        request that arrives meanwhile is prefilled here (the step's later layers wait) and its
+        first token goes out at once, instead of after the rest of the step."""
+        if not (self._armed and self._waiting):
+            return
+        self._armed = False  # the prefill's own forward passes these hooks too
+        admitted = self._admissible()
+        if not admitted:
+            return
+        running = self._running
+        self._prefilled_midstep = self._prefill(admitted)
+        self.stats.admitted_between_layers += len(admitted)
+        self._running = running + [r.pending for r in (
+            self._prefilled_midstep.rows if self._prefilled_midstep else [])]
+        self._outbox.flush()
 
     def _live(self) -> list[_Row]:
         return [r for r in self._rows if r is not None]
@@ -124,7 +169,7 @@ class CausalEngine(Engine):
                           use_cache=True, **extra)
         return out.logits[:, -1, :]
 
-    def _prefill(self, admitted: list[Pending]) -> None:
+    def _prefill(self, admitted: list[Pending]) -> _Prefilled | None:
         # What exceeds the step's prefill budget goes back to the queue's head for the next step.
         batch, total = [], 0
         for pending in admitted:
@@ -152,16 +197,16 @@ class CausalEngine(Engine):
         self.stats.steps += 1
         keep = self._emit(rows, tokens.tolist())
         if not keep:
-            return
-        kept = [rows[i] for i in keep]
+            return None
         lengths = [len(sequences[i]) for i in keep]
         index = torch.tensor(keep, device=self._device)
         # Columns that are padding in every kept row are not stored.
         width = max(lengths)
         layers = [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
                   for layer in cache.layers]
-        self._place(kept, layers, mask.index_select(0, index)[:, -width:], lengths,
-                    tokens.index_select(0, index))
+        return _Prefilled([rows[i] for i in keep], layers,
+                          mask.index_select(0, index)[:, -width:], lengths,
+                          tokens.index_select(0, index))
 
     def _new_row(self, pending: Pending) -> _Row:
         request = pending.request
@@ -185,12 +230,13 @@ class CausalEngine(Engine):
             return bucket(needed, MIN_COLUMNS)
         return -(-needed // COLUMN_CHUNK) * COLUMN_CHUNK
 
-    def _place(self, rows: list[_Row], layers, mask, lengths: list[int], last) -> None:
+    def _place(self, prefilled: _Prefilled) -> None:
         """Write freshly prefilled rows into free slots so that their prompts end at the
         current column; the batch grows only when no slot is free."""
-        width = mask.shape[1]
+        rows, lengths = prefilled.rows, prefilled.lengths
+        width = prefilled.mask.shape[1]
         if self._kv is None:
-            self._allocate(layers, len(rows), self._columns_for(width + 1))
+            self._allocate(prefilled.layers, len(rows), self._columns_for(width + 1))
         if not self._live():
             self._rows, self._column = [], 0
         if self._column < width:  # the new prompt is longer than the batch's history
@@ -203,9 +249,9 @@ class CausalEngine(Engine):
             self._grow(slots=max(needed, 2 * self._kv.slots))
         self._rows += [None] * (needed - len(self._rows))
         index = torch.tensor(slots, device=self._device)
-        self._kv.write_rows(index, self._column, layers, mask)
+        self._kv.write_rows(index, self._column, prefilled.layers, prefilled.mask)
         self._positions.index_copy_(0, index, torch.tensor(lengths, device=self._device))
-        self._last.index_copy_(0, index, last)
+        self._last.index_copy_(0, index, prefilled.last)
         for slot, row, length in zip(slots, rows, lengths, strict=True):
             row.start = self._column - length
             self._rows[slot] = row
@@ -258,8 +304,13 @@ class CausalEngine(Engine):
             self._kv.valid[:rows, self._column] = True
             end = self._column + 1
             mask = self._kv.attention_mask(rows, first, end, self._dtype)
-            logits = self._forward(self._last[:rows, None], mask, self._positions[:rows, None],
-                                   self._kv.view(rows, first, end, self._column))
+            self._armed = bool(self._layer_hooks)
+            try:
+                logits = self._forward(self._last[:rows, None], mask,
+                                       self._positions[:rows, None],
+                                       self._kv.view(rows, first, end, self._column))
+            finally:
+                self._armed = False
         self._column += 1
         count = len(self._rows)
         tokens = sample(logits[:count], [r.params if r else _GREEDY for r in self._rows])
@@ -390,8 +441,21 @@ class CausalEngine(Engine):
         live = len(self._live())
         return bucket(live, MIN_ROWS) < bucket(len(self._rows), MIN_ROWS)
 
+    def shutdown(self) -> None:
+        super().shutdown()
+        for hook in self._layer_hooks:  # the model may outlive this engine (benchmarks)
+            hook.remove()
+
     def reset(self) -> None:
         self._rows, self._running, self._column = [], [], 0
+        self._prefilled_midstep = None
         self._launched = None  # only rows that already left can still be in it
         if self._graphs is None:  # CPU memory goes back; a GPU keeps its buffers and graphs
             self._kv = self._positions = self._last = None
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's stack of decoder layers: its longest ModuleList (Llama's `model.layers`,
+    GPT-2's `transformer.h`), or none."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
