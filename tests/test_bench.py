@@ -14,13 +14,15 @@ def test_offline_bench_compares_variants_side_by_side(tmp_path):
 
     lines = []
     out = tmp_path / "bench.json"
-    rows = run([2], min_tokens=3, max_tokens=5, sequential=1, seed=1, out=out, echo=lines.append)
+    rows = run([2], min_tokens=3, max_tokens=5, sequential=1, seed=1, out=out, echo=lines.append,
+               requests_per_client=3)
     assert [(r.variant[0], r.concurrency) for r in rows] == [("a", 1), ("c", 1), ("b", 2),
                                                                ("c", 2)]
     assert all(r.tokens > 0 and r.tok_s > 0 for r in rows)
     assert rows[2].tokens == rows[3].tokens  # the same work through (b) and (c)
+    assert rows[2].requests == rows[3].requests == 6  # 2 clients x 3 requests, 3 batches of 2
     saved = json.loads(out.read_text())
-    assert len(saved["rows"]) == 4
+    assert len(saved["rows"]) == 4 and saved["requests_per_client"] == 3
     assert out.with_suffix(".png").stat().st_size > 1000
     assert any("x (a)" in line for line in lines)
     # TTFT at 2 clients, for all requests and without each client's first, is put against the

@@ -231,17 +231,19 @@ def plot(rows: list[Row], path: Path) -> None:
 def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: int, seed: int,
         url: str | None = None, model: str = "smollm2", api_key: str | None = None,
         out: Path | None = None, echo: Callable[[str], None] = print,
-        progress: Callable[[str], None] | None = None, hf_cb: bool = False) -> list[Row]:
+        progress: Callable[[str], None] | None = None, hf_cb: bool = False,
+        requests_per_client: int = 2) -> list[Row]:
     from ray_inference.models import loader, registry
 
     torch.manual_seed(seed)
     loaded = loader.load(registry.resolve("smollm2"))
     echo(f"smollm2 on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}), "
          f"{torch.get_num_threads()} threads; concurrency {concurrency}; "
-         f"{min_tokens}-{max_tokens} new tokens per prompt; seed {seed}")
+         f"{min_tokens}-{max_tokens} new tokens per prompt; {requests_per_client} requests per "
+         f"client; seed {seed}")
     steps: list[tuple[str, Callable[[], Row]]] = []
     top = max(concurrency)
-    work = Workload.make(2 * top, min_tokens, max_tokens, seed)
+    work = Workload.make(requests_per_client * top, min_tokens, max_tokens, seed)
     steps.append(("a", lambda: one_at_a_time(loaded, work.head(sequential))))
     # One client at a time: the single-request time to first token the others are held to.
     steps.append(("c1", lambda: engine_run(loaded, work.head(sequential), 1)))
@@ -249,7 +251,7 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         steps.append(("d1", lambda: gateway_run(url, model, work.head(sequential), 1, seed,
                                                 api_key)))
     for c in concurrency:
-        part = work.head(2 * c)
+        part = work.head(requests_per_client * c)
         steps.append((f"b{c}", lambda part=part, c=c: static_batches(loaded, part, c)))
         steps.append((f"c{c}", lambda part=part, c=c: engine_run(loaded, part, c)))
         if hf_cb:
@@ -268,7 +270,8 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         out.write_text(json.dumps({
             "device": str(loaded.device), "dtype": str(loaded.dtype), "threads":
                 torch.get_num_threads(), "min_tokens": min_tokens, "max_tokens": max_tokens,
-            "seed": seed, "rows": [r.to_dict() for r in rows]}, indent=2))
+            "seed": seed, "requests_per_client": requests_per_client,
+            "rows": [r.to_dict() for r in rows]}, indent=2))
         plot(rows, out.with_suffix(".png"))
         echo(f"wrote {out} and {out.with_suffix('.png')}")
     return rows

@@ -454,6 +454,10 @@ def worker(config_path: str | None, head_address: str | None) -> None:
 @click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--sequential", type=click.IntRange(min=1), default=4, show_default=True,
               help="How many prompts variant (a) runs one at a time (it is slow).")
+@click.option("--requests-per-client", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Requests each client of (c) and (d) sends, one after another; (b) runs "
+                   "as many batches. The batch fills once and drains once, so more requests "
+                   "weigh the full batch more.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--gateway", "gateway_url", default=None, metavar="URL",
               help="Also run (d): the same load through this gateway (the full stack).")
@@ -464,7 +468,7 @@ def worker(config_path: str | None, head_address: str | None) -> None:
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write JSON here, and a PNG beside it.")
 def bench(concurrency: tuple[int, ...], min_tokens: int, max_tokens: int, sequential: int,
-          seed: int, gateway_url: str | None, model: str, hf_continuous: bool,
+          requests_per_client: int, seed: int, gateway_url: str | None, model: str, hf_continuous: bool,
           out: str | None) -> None:
     """Benchmark SmolLM2 side by side in one run: HF one at a time (a), HF static batches (b),
     the rayinfer engine (c) and, with --gateway, the full stack over HTTP (d); prints tok/s,
@@ -482,4 +486,5 @@ def bench(concurrency: tuple[int, ...], min_tokens: int, max_tokens: int, sequen
         raise click.BadParameter("--min-tokens is larger than --max-tokens")
     run(sorted(set(concurrency)), min_tokens, max_tokens, sequential, seed, gateway_url, model,
         os.environ.get("RAYINFER_API_KEY"), Path(out) if out else None, echo=click.echo,
-        progress=lambda step: click.echo(f"  running {step} ...", err=True), hf_cb=hf_continuous)
+        progress=lambda step: click.echo(f"  running {step} ...", err=True), hf_cb=hf_continuous,
+        requests_per_client=requests_per_client)
