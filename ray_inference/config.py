@@ -99,6 +99,9 @@ class EngineConfig(_Section):
     # A request that arrives during a decode step is prefilled at the next layer boundary, not
     # after the step (eager steps only: CPUs, or GPUs without graphs and overlap).
     admit_between_layers: bool = True
+    # Keep the K/V of a prompt start that recent prompts share (a chat template's system
+    # prompt) and prefill only what follows it.
+    prefix_cache: bool = True
     # Stream messages per second one actor sends over all its requests: under load each
     # request's tokens go out together every (running requests / this) seconds. 0: no limit.
     stream_messages_per_s: int = Field(100, ge=0)

@@ -88,6 +88,31 @@ def test_a_request_arriving_mid_step_is_prefilled_between_layers(model_dir, name
         not layer._forward_hooks for layer in causal._decoder_layers(loaded.model))
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_prompts_that_start_alike_are_prefilled_from_the_prefix_cache(model_dir, name):
+    loaded, engine = load(model_dir, name)
+    engine._eos = set()
+    shared = "the cat is a dog of no red blue green hello world " * 3
+    endings = ["what", "what is the capital", "of france ?", "red", "the cat is a dog"]
+    prompts = [shared + ending for ending in endings]
+    # Two full prefills teach the cache the shared start; then a batch of three prompts of
+    # different lengths is prefilled from it, and one more alone.
+    assert_all_match_generate(loaded, engine, [(prompts[0], 5)])
+    assert_all_match_generate(loaded, engine, [(prompts[1], 5)])
+    assert engine.stats.prefix_tokens == 0
+    assert_all_match_generate(loaded, engine, [(p, 8) for p in prompts[2:]])
+    shared_tokens = len(loaded.tokenizer(shared.strip())["input_ids"]) - 1
+    assert engine.stats.prefix_tokens >= 3 * shared_tokens
+    assert_all_match_generate(loaded, engine, [(prompts[3], 6), ("hello world", 6)])
+    engine.shutdown()
+
+    _, without = load(model_dir, name, prefix_cache=False)
+    for prompt in prompts:
+        run(without, prompt=prompt, max_tokens=2)
+    assert without.stats.prefix_tokens == 0
+    without.shutdown()
+
+
 def test_seeded_sampling_is_reproducible_and_per_request(model_dir):
     _, engine = load(model_dir, "tiny-llama")
     def text(seed):

@@ -154,12 +154,14 @@ class EngineStats:
     max_batch: int = 0
     kv_bytes_peak: int = 0
     admitted_between_layers: int = 0  # requests prefilled in the middle of a decode step
+    prefix_tokens: int = 0  # prompt tokens not prefilled: their K/V came from the prefix cache
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "tokens": self.tokens, "requests": self.requests,
                 "max_batch": self.max_batch, "kv_bytes_peak": self.kv_bytes_peak,
                 "admitted_between_layers": self.admitted_between_layers,
+                "prefix_tokens": self.prefix_tokens,
                 "batch_sizes": dict(self.batch_sizes)}
 
 

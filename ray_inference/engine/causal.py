@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from ray_inference.engine.base import Engine, Pending
 from ray_inference.engine.graphs import MIN_COLUMNS, MIN_ROWS, DecodeGraphs, bucket
 from ray_inference.engine.kv import COLUMN_CHUNK, SlotKV
+from ray_inference.engine.prefix import PrefixCache
 from ray_inference.engine.sampling import SamplingParams, sample
 from ray_inference.engine.text import TextTracker
 from ray_inference.engine.types import Chunk, GenerationRequest
@@ -82,6 +83,7 @@ class CausalEngine(Engine):
         self._launched: _Launched | None = None
         # Arrivals during an eager decode step are prefilled at the next layer boundary
         # (at most once per step) and join the batch when the step ends.
+        self._prefixes = PrefixCache() if config.prefix_cache else None
         self._layer_hooks = []
         self._armed = False
         self._prefilled_midstep: _Prefilled | None = None
@@ -182,16 +184,27 @@ class CausalEngine(Engine):
             with self._wake:
                 self._waiting.extendleft(reversed(admitted[len(batch):]))
         sequences = [p.prompt_ids + p.request.resume_ids for p in batch]
-        width = max(len(s) for s in sequences)
+        hit = self._prefixes.match(sequences) if self._prefixes else None
+        skip = hit[0] if hit else 0  # prompt tokens whose K/V come from the prefix cache
+        self.stats.prefix_tokens += skip * len(batch)
+        width = max(len(s) for s in sequences) - skip
         ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, seq in enumerate(sequences):
-            ids[i, width - len(seq):] = torch.tensor(seq)
-            mask[i, width - len(seq):] = 1
+            ids[i, width - len(seq) + skip:] = torch.tensor(seq[skip:])
+            mask[i, width - len(seq) + skip:] = 1
         ids, mask = ids.to(self._device), mask.to(self._device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        positions = skip + (mask.cumsum(-1) - 1).clamp(min=0)
+        if hit:  # every row: [cached prefix | its padding | the rest of its prompt]
+            cache = DynamicCache(ddp_cache_data=[
+                (keys.expand(len(batch), -1, -1, -1), values.expand(len(batch), -1, -1, -1))
+                for keys, values in hit[1]])
+            mask = torch.cat([mask.new_ones(len(batch), skip), mask], dim=1)
+        else:
+            cache = DynamicCache()
         logits = self._forward(ids, mask, positions, cache)
+        if self._prefixes is not None and not hit:
+            self._remember_prefix(sequences, cache, mask)
         rows = [self._new_row(p) for p in batch]
         tokens = sample(logits, [r.params for r in rows])
         self.stats.steps += 1
@@ -200,13 +213,24 @@ class CausalEngine(Engine):
             return None
         lengths = [len(sequences[i]) for i in keep]
         index = torch.tensor(keep, device=self._device)
+        mask = mask.index_select(0, index)
         # Columns that are padding in every kept row are not stored.
-        width = max(lengths)
+        first = int(mask.argmax(dim=1).min())
         layers = [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
                   for layer in cache.layers]
-        return _Prefilled([rows[i] for i in keep], layers,
-                          mask.index_select(0, index)[:, -width:], lengths,
+        return _Prefilled([rows[i] for i in keep], layers, mask[:, first:], lengths,
                           tokens.index_select(0, index))
+
+    def _remember_prefix(self, sequences: list[list[int]], cache, mask) -> None:
+        """Offer a full prefill's prompts to the prefix cache; a prefix it wants is cut out
+        of this prefill's own K/V (the first row holds it, after its left padding)."""
+        prefix = self._prefixes.candidate(sequences)
+        if prefix is None:
+            return
+        start = int(mask[0].argmax())
+        self._prefixes.add(prefix, [
+            (layer.keys[:1, :, start:start + len(prefix)].clone(),
+             layer.values[:1, :, start:start + len(prefix)].clone()) for layer in cache.layers])
 
     def _new_row(self, pending: Pending) -> _Row:
         request = pending.request
@@ -252,8 +276,11 @@ class CausalEngine(Engine):
         self._kv.write_rows(index, self._column, prefilled.layers, prefilled.mask)
         self._positions.index_copy_(0, index, torch.tensor(lengths, device=self._device))
         self._last.index_copy_(0, index, prefilled.last)
-        for slot, row, length in zip(slots, rows, lengths, strict=True):
-            row.start = self._column - length
+        # A row's first column is its first valid one (a prompt from the prefix cache has
+        # padding between the prefix and the rest, so its span can exceed its length).
+        firsts = prefilled.mask.argmax(dim=1).tolist()
+        for slot, row, first in zip(slots, rows, firsts, strict=True):
+            row.start = self._column - width + first
             self._rows[slot] = row
         self._running = [r.pending for r in self._live()]
 
