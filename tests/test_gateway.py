@@ -194,12 +194,13 @@ def test_load_generator_measures_every_request_over_real_http(gateway_url):
     import asyncio
 
     from ray_inference.bench.load import run_load
+    from ray_inference.bench.prompts import Workload
 
-    result = asyncio.run(run_load(gateway_url, MODEL, concurrency=2, requests=6, min_tokens=12,
-                                  max_tokens=16, seed=3))
+    work = Workload.make(6, min_tokens=12, max_tokens=16, seed=3)
+    result = asyncio.run(run_load(gateway_url, MODEL, concurrency=2, work=work))
     summary = result.summary()
     assert (result.requests, result.errors) == (6, 0), summary["error_samples"]
-    assert 6 * 12 <= result.tokens <= 6 * 16  # end of sequence is ignored: every token counts
+    assert result.tokens == sum(work.lengths)  # end of sequence is ignored: every token counts
     assert len(result.ttft) == 6 and len(result.ttft_steady) == 4  # each client's first is cold
     assert len(result.itl) == 6 and all(0 < itl < 10 for itl in result.itl)
     assert summary["ttft_steady_p50_s"] <= summary["e2e_p50_s"]

@@ -1,6 +1,7 @@
-"""HTTP load generator: N concurrent clients against the gateway, streaming, fixed seed.
+"""HTTP load generator: N concurrent clients against the gateway, streaming.
 
-Each client sends chat requests back to back until the run has sent `requests` in total;
+Each client sends the workload's chat requests back to back (the prompts and output lengths
+the other variants of the benchmark get) until none is left;
 time to first token, inter-token latency (per request: the time from its first to its last
 chunk over its tokens after the first) and end-to-end latency come from the SSE stream as the
 client sees it.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import statistics
 import time
 from collections.abc import Callable
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from ray_inference.bench.prompts import QUESTIONS
+from ray_inference.bench.prompts import Workload
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -97,13 +97,12 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, result: LoadResu
             result.itl.append((last - first) / (tokens - 1))
 
 
-async def run_load(url: str, model: str, concurrency: int, requests: int, min_tokens: int,
-                   max_tokens: int, seed: int = 0, api_key: str | None = None,
+async def run_load(url: str, model: str, concurrency: int, work: Workload,
+                   api_key: str | None = None,
                    progress: Callable[[int], None] | None = None) -> LoadResult:
-    rng = random.Random(seed)
     bodies = [{"model": model, "stream": True, "temperature": 0, "ignore_eos": True,
-               "messages": [{"role": "user", "content": rng.choice(QUESTIONS)}],
-               "max_tokens": rng.randint(min_tokens, max_tokens)} for _ in range(requests)]
+               "messages": messages, "max_tokens": length}
+              for messages, length in zip(work.messages, work.lengths, strict=True)]
     result = LoadResult(concurrency)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 4)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -21,22 +20,7 @@ from pathlib import Path
 import torch
 
 from ray_inference.bench.load import percentile
-from ray_inference.bench.prompts import QUESTIONS
-
-
-@dataclass
-class Workload:
-    messages: list[list[dict[str, str]]]
-    lengths: list[int]
-
-    @classmethod
-    def make(cls, count: int, min_tokens: int, max_tokens: int, seed: int) -> Workload:
-        rng = random.Random(seed)
-        return cls([[{"role": "user", "content": rng.choice(QUESTIONS)}] for _ in range(count)],
-                   [rng.randint(min_tokens, max_tokens) for _ in range(count)])
-
-    def head(self, count: int) -> Workload:
-        return Workload(self.messages[:count], self.lengths[:count])
+from ray_inference.bench.prompts import Workload
 
 
 @dataclass
@@ -156,12 +140,11 @@ def engine_run(loaded, work: Workload, concurrency: int) -> Row:
                percentile([t for t, cold in ttfts if not cold], 0.5))
 
 
-def gateway_run(url: str, model: str, work: Workload, concurrency: int, seed: int,
+def gateway_run(url: str, model: str, work: Workload, concurrency: int,
                 api_key: str | None) -> Row:
     from ray_inference.bench.load import run_load
 
-    result = asyncio.run(run_load(url, model, concurrency, len(work.lengths),
-                                  min(work.lengths), max(work.lengths), seed, api_key))
+    result = asyncio.run(run_load(url, model, concurrency, work, api_key))
     summary = result.summary()
     return Row(f"d: full stack over HTTP, {concurrency} clients", concurrency, result.requests,
                result.tokens, result.seconds, summary["ttft_p50_s"], summary["ttft_steady_p50_s"],
@@ -248,8 +231,7 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
     # One client at a time: the single-request time to first token the others are held to.
     steps.append(("c1", lambda: engine_run(loaded, work.head(sequential), 1)))
     if url:
-        steps.append(("d1", lambda: gateway_run(url, model, work.head(sequential), 1, seed,
-                                                api_key)))
+        steps.append(("d1", lambda: gateway_run(url, model, work.head(sequential), 1, api_key)))
     for c in concurrency:
         part = work.head(requests_per_client * c)
         steps.append((f"b{c}", lambda part=part, c=c: static_batches(loaded, part, c)))
@@ -257,7 +239,7 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         if hf_cb:
             steps.append((f"e{c}", lambda part=part, c=c: hf_continuous(loaded, part, c)))
         if url:
-            steps.append((f"d{c}", lambda part=part, c=c: gateway_run(url, model, part, c, seed,
+            steps.append((f"d{c}", lambda part=part, c=c: gateway_run(url, model, part, c,
                                                                       api_key)))
     rows = []
     for name, step in steps:
