@@ -92,6 +92,10 @@ def test_a_request_arriving_mid_step_is_prefilled_between_layers(model_dir, name
 def test_prompts_that_start_alike_are_prefilled_from_the_prefix_cache(model_dir, name):
     loaded, engine = load(model_dir, name)
     engine._eos = set()
+    with torch.no_grad():  # sharper attention, so that a wrong position changes the tokens
+        for module_name, module in loaded.model.named_modules():
+            if module_name.endswith(("q_proj", "k_proj", "c_attn")):
+                module.weight.mul_(20)
     shared = "the cat is a dog of no red blue green hello world " * 3
     endings = ["what", "what is the capital", "of france ?", "red", "the cat is a dog"]
     prompts = [shared + ending for ending in endings]

@@ -58,8 +58,7 @@ def make_llama(folder: Path) -> Path:
     config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, bos_token_id=None,
-                         initializer_range=0.3)
+                         pad_token_id=tok.pad_token_id, bos_token_id=None)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
