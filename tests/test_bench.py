@@ -14,8 +14,18 @@ def test_offline_bench_compares_variants_side_by_side(tmp_path):
 
     lines = []
     out = tmp_path / "bench.json"
+    bars: dict[str, list[int]] = {}  # variant: [requests, requests done]
+
+    def progress(variant: str, requests: int):
+        bars[variant] = [requests, 0]
+
+        def tick(done: int) -> None:
+            bars[variant][1] += done
+        return tick
+
     rows = run([2], min_tokens=3, max_tokens=5, sequential=1, seed=1, out=out, echo=lines.append,
-               requests_per_client=3)
+               requests_per_client=3, progress=progress)
+    assert bars == {"a": [1, 1], "c1": [1, 1], "b2": [6, 6], "c2": [6, 6]}
     assert [(r.variant[0], r.concurrency) for r in rows] == [("a", 1), ("c", 1), ("b", 2),
                                                                ("c", 2)]
     assert all(r.tokens > 0 and r.tok_s > 0 for r in rows)
@@ -30,3 +40,13 @@ def test_offline_bench_compares_variants_side_by_side(tmp_path):
     assert rows[3].ttft_p50_s > 0 and rows[3].ttft_steady_p50_s > 0
     line = next(line for line in lines if "engine, 2 clients" in line).split()
     assert float(line[-4]) > 0 and float(line[-2]) > 0
+
+
+@pytest.mark.filterwarnings("error")
+def test_the_cli_draws_one_progress_bar_per_variant_and_finishes_it(capsys):
+    from ray_inference.cli.main import _progress_bar
+
+    tick = _progress_bar("b64", 3)
+    tick(1)
+    tick(2)
+    assert "b64" in capsys.readouterr().err

@@ -22,6 +22,12 @@ import torch
 from ray_inference.bench.load import percentile
 from ray_inference.bench.prompts import Workload
 
+Tick = Callable[[int], None]  # told how many more requests of a variant are done
+
+
+def _no_tick(done: int) -> None:
+    pass
+
 
 @dataclass
 class Row:
@@ -54,23 +60,25 @@ def _hf_batch(loaded, work: Workload) -> None:
                           pad_token_id=loaded.tokenizer.pad_token_id)
 
 
-def one_at_a_time(loaded, work: Workload) -> Row:
+def one_at_a_time(loaded, work: Workload, tick: Tick = _no_tick) -> Row:
     start = time.perf_counter()
     for i in range(len(work.lengths)):
         _hf_batch(loaded, Workload([work.messages[i]], [work.lengths[i]]))
+        tick(1)
     return Row("a: HF generate, one at a time", 1, len(work.lengths), sum(work.lengths),
                time.perf_counter() - start)
 
 
-def static_batches(loaded, work: Workload, size: int) -> Row:
+def static_batches(loaded, work: Workload, size: int, tick: Tick = _no_tick) -> Row:
     start = time.perf_counter()
     for i in range(0, len(work.lengths), size):
         _hf_batch(loaded, Workload(work.messages[i:i + size], work.lengths[i:i + size]))
+        tick(len(work.lengths[i:i + size]))
     return Row(f"b: HF static batches of {size}", size, len(work.lengths), sum(work.lengths),
                time.perf_counter() - start)
 
 
-def hf_continuous(loaded, work: Workload, concurrency: int) -> Row:
+def hf_continuous(loaded, work: Workload, concurrency: int, tick: Tick = _no_tick) -> Row:
     """transformers' own continuous batching (paged attention), the alternative we measured."""
     from transformers import GenerationConfig
 
@@ -85,13 +93,14 @@ def hf_continuous(loaded, work: Workload, concurrency: int) -> Row:
     outputs = loaded.model.generate_batch(inputs=inputs, generation_config=config,
                                           progress_bar=False)
     seconds = time.perf_counter() - start
+    tick(len(outputs))
     tokens = sum(min(len(o.generated_tokens), n)
                  for o, n in zip(outputs.values(), work.lengths, strict=False))
     return Row(f"e: transformers generate_batch ({concurrency})", concurrency, len(outputs),
                tokens, seconds)
 
 
-def engine_run(loaded, work: Workload, concurrency: int) -> Row:
+def engine_run(loaded, work: Workload, concurrency: int, tick: Tick = _no_tick) -> Row:
     from ray_inference.config import EngineConfig
     from ray_inference.engine import GenerationRequest, create_engine
 
@@ -110,6 +119,8 @@ def engine_run(loaded, work: Workload, concurrency: int) -> Row:
                     ttfts.append((time.perf_counter() - submitted, cold))
                     first = False
                 tokens[0] += len(chunk.token_ids)
+        with lock:
+            tick(1)
 
     # `concurrency` clients, each sending its next request when the previous one ends.
     pending = list(zip(work.messages, work.lengths, strict=True))
@@ -141,10 +152,10 @@ def engine_run(loaded, work: Workload, concurrency: int) -> Row:
 
 
 def gateway_run(url: str, model: str, work: Workload, concurrency: int,
-                api_key: str | None) -> Row:
+                api_key: str | None, tick: Tick = _no_tick) -> Row:
     from ray_inference.bench.load import run_load
 
-    result = asyncio.run(run_load(url, model, concurrency, work, api_key))
+    result = asyncio.run(run_load(url, model, concurrency, work, api_key, progress=tick))
     summary = result.summary()
     return Row(f"d: full stack over HTTP, {concurrency} clients", concurrency, result.requests,
                result.tokens, result.seconds, summary["ttft_p50_s"], summary["ttft_steady_p50_s"],
@@ -214,7 +225,7 @@ def plot(rows: list[Row], path: Path) -> None:
 def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: int, seed: int,
         url: str | None = None, model: str = "smollm2", api_key: str | None = None,
         out: Path | None = None, echo: Callable[[str], None] = print,
-        progress: Callable[[str], None] | None = None, hf_cb: bool = False,
+        progress: Callable[[str, int], Tick] | None = None, hf_cb: bool = False,
         requests_per_client: int = 2) -> list[Row]:
     from ray_inference.models import loader, registry
 
@@ -224,28 +235,32 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
          f"{torch.get_num_threads()} threads; concurrency {concurrency}; "
          f"{min_tokens}-{max_tokens} new tokens per prompt; {requests_per_client} requests per "
          f"client; seed {seed}")
-    steps: list[tuple[str, Callable[[], Row]]] = []
+    # (name, requests, run): each variant is told its progress as requests finish.
+    steps: list[tuple[str, int, Callable[[Tick], Row]]] = []
     top = max(concurrency)
     work = Workload.make(requests_per_client * top, min_tokens, max_tokens, seed)
-    steps.append(("a", lambda: one_at_a_time(loaded, work.head(sequential))))
+    first = work.head(sequential)
+    steps.append(("a", sequential, lambda tick: one_at_a_time(loaded, first, tick)))
     # One client at a time: the single-request time to first token the others are held to.
-    steps.append(("c1", lambda: engine_run(loaded, work.head(sequential), 1)))
+    steps.append(("c1", sequential, lambda tick: engine_run(loaded, first, 1, tick)))
     if url:
-        steps.append(("d1", lambda: gateway_run(url, model, work.head(sequential), 1, api_key)))
+        steps.append(("d1", sequential,
+                      lambda tick: gateway_run(url, model, first, 1, api_key, tick)))
     for c in concurrency:
         part = work.head(requests_per_client * c)
-        steps.append((f"b{c}", lambda part=part, c=c: static_batches(loaded, part, c)))
-        steps.append((f"c{c}", lambda part=part, c=c: engine_run(loaded, part, c)))
+        count = len(part.lengths)
+        steps.append((f"b{c}", count, lambda tick, part=part, c=c:
+                      static_batches(loaded, part, c, tick)))
+        steps.append((f"c{c}", count, lambda tick, part=part, c=c:
+                      engine_run(loaded, part, c, tick)))
         if hf_cb:
-            steps.append((f"e{c}", lambda part=part, c=c: hf_continuous(loaded, part, c)))
+            steps.append((f"e{c}", count, lambda tick, part=part, c=c:
+                          hf_continuous(loaded, part, c, tick)))
         if url:
-            steps.append((f"d{c}", lambda part=part, c=c: gateway_run(url, model, part, c,
-                                                                      api_key)))
-    rows = []
-    for name, step in steps:
-        if progress:
-            progress(name)
-        rows.append(step())
+            steps.append((f"d{c}", count, lambda tick, part=part, c=c:
+                          gateway_run(url, model, part, c, api_key, tick)))
+    rows = [step(progress(name, count) if progress else _no_tick)
+            for name, count, step in steps]
     table(rows, echo)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

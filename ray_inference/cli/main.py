@@ -446,6 +446,20 @@ def worker(config_path: str | None, head_address: str | None) -> None:
 # ---- benchmarks ----------------------------------------------------------------------------
 
 
+def _progress_bar(variant: str, requests: int):
+    """One bar per benchmark variant, on stderr, advanced as its requests finish."""
+    bar = click.progressbar(length=requests, label=f"{variant:>4}", file=sys.stderr,
+                            show_pos=True, show_eta=True)
+    bar.__enter__()  # draws it at 0
+
+    def tick(done: int) -> None:
+        bar.update(done)
+        if bar.pos >= requests:
+            bar.__exit__(None, None, None)  # the bar's final line
+
+    return tick
+
+
 @cli.command()
 @click.option("-c", "--concurrency", "concurrency", multiple=True, type=click.IntRange(min=1),
               default=(16,), show_default=True,
@@ -486,5 +500,5 @@ def bench(concurrency: tuple[int, ...], min_tokens: int, max_tokens: int, sequen
         raise click.BadParameter("--min-tokens is larger than --max-tokens")
     run(sorted(set(concurrency)), min_tokens, max_tokens, sequential, seed, gateway_url, model,
         os.environ.get("RAYINFER_API_KEY"), Path(out) if out else None, echo=click.echo,
-        progress=lambda step: click.echo(f"  running {step} ...", err=True), hf_cb=hf_continuous,
+        progress=_progress_bar, hf_cb=hf_continuous,
         requests_per_client=requests_per_client)
