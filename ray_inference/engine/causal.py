@@ -81,9 +81,9 @@ class CausalEngine(Engine):
         overlap = config.overlap_steps
         self._overlap = self._device.type == "cuda" if overlap is None else overlap
         self._launched: _Launched | None = None
+        self._prefixes = PrefixCache() if config.prefix_cache else None
         # Arrivals during an eager decode step are prefilled at the next layer boundary
         # (at most once per step) and join the batch when the step ends.
-        self._prefixes = PrefixCache() if config.prefix_cache else None
         self._layer_hooks = []
         self._armed = False
         self._prefilled_midstep: _Prefilled | None = None
@@ -482,7 +482,12 @@ class CausalEngine(Engine):
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's stack of decoder layers: its longest ModuleList (Llama's `model.layers`,
-    GPT-2's `transformer.h`), or none."""
+    """The model's stack of decoder layers (Llama's `model.layers`, GPT-2's `transformer.h`):
+    the first ModuleList as long as the config's layer count (a mixture of experts has longer
+    lists inside each layer), else the longest, or none."""
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    count = getattr(model.config, "num_hidden_layers", None)
+    layers = next((m for m in lists if len(m) == count), None)
+    if layers is None and lists:
+        layers = max(lists, key=len)
+    return list(layers) if layers is not None else []
