@@ -184,7 +184,7 @@ class CausalEngine(Engine):
             with self._wake:
                 self._waiting.extendleft(reversed(admitted[len(batch):]))
         sequences = [p.prompt_ids + p.request.resume_ids for p in batch]
-        hit = self._prefixes.match(sequences) if self._prefixes else None
+        hit = self._prefixes.match(sequences) if self._prefixes is not None else None
         skip = hit[0] if hit else 0  # prompt tokens whose K/V come from the prefix cache
         self.stats.prefix_tokens += skip * len(batch)
         width = max(len(s) for s in sequences) - skip

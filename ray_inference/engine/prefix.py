@@ -66,7 +66,3 @@ class PrefixCache:
         self._entries[prefix] = layers
         while len(self._entries) > self._capacity:
             self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._recent.clear()
