@@ -85,3 +85,37 @@ def test_streamed_text_equals_decoding_the_whole_answer():
         tracker = TextTracker(tokenizer)
         streamed = "".join(tracker.add(i) for i in sequence) + tracker.flush()
         assert streamed == tokenizer.decode(sequence, skip_special_tokens=True)
+
+
+def test_chat_prompts_from_the_prefix_cache_answer_as_generate_does():
+    """SmolLM2's chat template starts every prompt with the same 24 tokens: once the engine
+    has seen two prompts, the rest are prefilled from the cached start, alone and batched,
+    and every greedy answer must still be generate's (float32, so batching cannot flip a
+    near-tie)."""
+    from ray_inference.bench.prompts import QUESTIONS
+    from ray_inference.config import EngineConfig
+    from ray_inference.engine import GenerationRequest, create_engine
+    from ray_inference.models import loader, registry
+
+    loaded = loader.load(registry.resolve("smollm2"), "float32")
+    engine = create_engine(loaded, EngineConfig())
+
+    def reference(messages) -> list[int]:
+        ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                   return_tensors="pt", return_dict=True)
+        out = loaded.model.generate(**ids, max_new_tokens=12, do_sample=False)
+        tokens = out[0, ids["input_ids"].shape[1]:].tolist()
+        eos = loaded.tokenizer.eos_token_id  # the engine ends the stream there, without it
+        return tokens[:tokens.index(eos)] if eos in tokens else tokens
+
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS[:6]]
+    expected = [reference(m) for m in chats]
+    answers = [[t for c in engine.submit(GenerationRequest(messages=m, max_tokens=12,
+                                                           temperature=0)) for t in c.token_ids]
+               for m in chats[:3]]
+    streams = [engine.submit(GenerationRequest(messages=m, max_tokens=12, temperature=0))
+               for m in chats[3:]]
+    answers += [[t for c in s for t in c.token_ids] for s in streams]
+    engine.shutdown()
+    assert engine.stats.prefix_tokens >= 4 * 24
+    assert answers == expected
