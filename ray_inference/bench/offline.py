@@ -239,12 +239,13 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
     steps: list[tuple[str, int, Callable[[Tick], Row]]] = []
     top = max(concurrency)
     work = Workload.make(requests_per_client * top, min_tokens, max_tokens, seed)
-    first = work.head(sequential)
-    steps.append(("a", sequential, lambda tick: one_at_a_time(loaded, first, tick)))
+    first = work.head(sequential)  # may hold fewer than `sequential`: the workload is short
+    alone = len(first.lengths)
+    steps.append(("a", alone, lambda tick: one_at_a_time(loaded, first, tick)))
     # One client at a time: the single-request time to first token the others are held to.
-    steps.append(("c1", sequential, lambda tick: engine_run(loaded, first, 1, tick)))
+    steps.append(("c1", alone, lambda tick: engine_run(loaded, first, 1, tick)))
     if url:
-        steps.append(("d1", sequential,
+        steps.append(("d1", alone,
                       lambda tick: gateway_run(url, model, first, 1, api_key, tick)))
     for c in concurrency:
         part = work.head(requests_per_client * c)

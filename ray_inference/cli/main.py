@@ -470,8 +470,7 @@ def _progress_bar(variant: str, requests: int):
               help="How many prompts variant (a) runs one at a time (it is slow).")
 @click.option("--requests-per-client", type=click.IntRange(min=1), default=2, show_default=True,
               help="Requests each client of (c) and (d) sends, one after another; (b) runs "
-                   "as many batches. The batch fills once and drains once, so more requests "
-                   "weigh the full batch more.")
+                   "as many batches.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--gateway", "gateway_url", default=None, metavar="URL",
               help="Also run (d): the same load through this gateway (the full stack).")
