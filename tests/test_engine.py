@@ -77,9 +77,21 @@ def test_a_request_arriving_mid_step_is_prefilled_between_layers(model_dir, name
             late.append(engine.submit(GenerationRequest(prompt="red blue green", temperature=0,
                                                         max_tokens=6)))
 
-    hook = causal._decoder_layers(loaded.model)[0].register_forward_hook(arrive, with_kwargs=True)
+    running: list[int] = []  # what load() says at the step's last layer, after the arrival
+
+    def count(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if late and not running and hidden.shape[1] == 1:
+            running.append(engine.load()["running"])
+
+    layers = causal._decoder_layers(loaded.model)
+    hooks = [layers[0].register_forward_hook(arrive, with_kwargs=True),
+             layers[-1].register_forward_hook(count, with_kwargs=True)]
     first = run(engine, prompt="hello world", temperature=0, max_tokens=20)
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
+    # Admitted mid-step, the arrival counts as running before it joins the batch.
+    assert running == [2 if admit else 1]
     assert [t for c in first for t in c.token_ids] == reference(loaded, "hello world", 20)
     assert [t for c in late[0] for t in c.token_ids] == reference(loaded, "red blue green", 6)
     assert engine.stats.admitted_between_layers == (1 if admit else 0)

@@ -154,11 +154,8 @@ class CausalEngine(Engine):
         admitted = self._admissible()
         if not admitted:
             return
-        running = self._running
         self._prefilled_midstep = self._prefill(admitted)
         self.stats.admitted_between_layers += len(admitted)
-        self._running = running + [r.pending for r in (
-            self._prefilled_midstep.rows if self._prefilled_midstep else [])]
         self._outbox.flush()
 
     def _live(self) -> list[_Row]:
@@ -208,6 +205,7 @@ class CausalEngine(Engine):
         rows = [self._new_row(p) for p in batch]
         tokens = sample(logits, [r.params for r in rows])
         self.stats.steps += 1
+        self._set_running([*self._live(), *rows])
         keep = self._emit(rows, tokens.tolist())
         if not keep:
             return None
@@ -369,6 +367,7 @@ class CausalEngine(Engine):
             launched.ready.synchronize()
         rows = [row if i < len(self._rows) and self._rows[i] is row else None
                 for i, row in enumerate(launched.rows)]
+        self._set_running(rows)
         keep = set(self._emit(rows, launched.tokens.tolist()))
         for i, row in enumerate(rows):
             if row is not None and i not in keep:
@@ -379,11 +378,17 @@ class CausalEngine(Engine):
             launched, self._launched = self._launched, None
             self._settle(launched)
 
+    def _set_running(self, rows: list[_Row | None]) -> None:
+        """The requests load(), a failed step and the chunks' batch_size count: these rows
+        (the ones finishing now included) and the rows prefilled mid-step, which join the
+        batch when the step ends."""
+        joining = self._prefilled_midstep.rows if self._prefilled_midstep else []
+        self._running = [r.pending for r in (*rows, *joining) if r is not None]
+
     def _emit(self, rows: list[_Row], tokens: list[int]) -> list[int]:
         """Send each row's token; returns the indexes of rows that go on."""
         now = time.perf_counter()
         keep = []
-        self._running = [r.pending for r in rows if r]  # for batch_size in chunks and load()
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             if row is None:
                 continue
