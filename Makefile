@@ -48,7 +48,7 @@ test: lint docker-engine ## Lint, every test, every Molecule scenario
 	$(MAKE) molecule
 
 molecule: venv molecule-images ## Run the Molecule scenarios (MOLECULE_SCENARIOS)
-	for s in $(MOLECULE_SCENARIOS); do $(BIN)/molecule test -s $$s; done
+	for s in $(MOLECULE_SCENARIOS); do scripts/molecule-scenario.sh $$s; done
 
 demo: venv docker-engine ## Deploy head + 2 workers on this machine and ask one question
 	$(BIN)/ansible-playbook -i $(INVENTORY) site.yml

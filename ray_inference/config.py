@@ -96,8 +96,12 @@ class EngineConfig(_Section):
     cuda_graphs: bool = True
     # Hand out a decode step's tokens while the next step runs (default: on GPUs only).
     overlap_steps: bool | None = None
-    # A request that arrives during a decode step is prefilled at the next layer boundary, not
-    # after the step (eager steps only: CPUs, or GPUs without graphs and overlap).
+    # A request that arrives while a batch runs is prefilled inside the batch's next decode
+    # step, not in a forward pass of its own (eager steps of SDPA models: CPUs, or GPUs
+    # without graphs and overlap).
+    pack_arrivals: bool = True
+    # Where arrivals are not packed: one that arrives during a decode step is prefilled at the
+    # next layer boundary, not after the step (eager steps only).
     admit_between_layers: bool = True
     # Keep the K/V of a prompt start that recent prompts share (a chat template's system
     # prompt) and prefill only what follows it.

@@ -67,7 +67,7 @@ def test_requests_join_a_running_batch(model_dir):
 @pytest.mark.parametrize("admit", [True, False], ids=["between-layers", "at-step-start"])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_a_request_arriving_mid_step_is_prefilled_between_layers(model_dir, name, admit):
-    loaded, engine = load(model_dir, name, admit_between_layers=admit)
+    loaded, engine = load(model_dir, name, admit_between_layers=admit, pack_arrivals=False)
     engine._eos = set()
     late: list = []
 
@@ -98,6 +98,43 @@ def test_a_request_arriving_mid_step_is_prefilled_between_layers(model_dir, name
     engine.shutdown()
     assert not loaded.model._forward_hooks and all(
         not layer._forward_hooks for layer in causal._decoder_layers(loaded.model))
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "own-pass"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_arrivals_are_prefilled_inside_the_running_batchs_decode_step(model_dir, name, pack):
+    """Requests that arrive while a batch runs ride in its next decode pass: a short prompt,
+    one longer than the batch's history (columns move right), one that ends with its first
+    token, and prompts whose start the prefix cache holds. Every greedy answer stays generate's."""
+    loaded, engine = load(model_dir, name, pack_arrivals=pack)
+    engine._eos = set()
+    with torch.no_grad():  # sharper attention, so that a wrong column or position shows
+        for module_name, module in loaded.model.named_modules():
+            if module_name.endswith(("q_proj", "k_proj", "c_attn")):
+                module.weight.mul_(20)
+    shared = "the cat is a dog of no red blue green hello world " * 3
+    # The first two prompts that start alike teach the prefix cache (one of them packed);
+    # the next two are packed after the cached start.
+    arrivals = [(shared + "what", 5), (shared + "of france ?", 7), (shared + "red", 4),
+                ("red", 6), (" ".join(["what is the capital of france ?"] * 5), 8), ("blue", 1)]
+    first = engine.submit(GenerationRequest(prompt=shared + "hello", temperature=0,
+                                            max_tokens=80))
+    got = list(next(iter(first)).token_ids)
+    answers = []
+    for prompt, n in arrivals:  # one at a time: each has its first token before the next
+        stream = engine.submit(GenerationRequest(prompt=prompt, temperature=0, max_tokens=n))
+        answers.append((stream, next(iter(stream)).token_ids))
+    got += [t for c in first for t in c.token_ids]
+    assert got == reference(loaded, shared + "hello", 80)
+    for (prompt, n), (stream, start) in zip(arrivals, answers, strict=True):
+        assert start + [t for c in stream for t in c.token_ids] == reference(loaded, prompt, n), \
+            prompt
+    assert engine.load() == {"running": 0, "waiting": 0}
+    assert engine.stats.packed_arrivals == (len(arrivals) if pack else 0)
+    shared_tokens = len(loaded.tokenizer(shared.strip())["input_ids"]) - 1
+    assert engine.stats.prefix_tokens >= 2 * shared_tokens
+    engine.shutdown()
+    assert loaded.model.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])

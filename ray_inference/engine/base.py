@@ -155,13 +155,14 @@ class EngineStats:
     kv_bytes_peak: int = 0
     admitted_between_layers: int = 0  # requests prefilled in the middle of a decode step
     prefix_tokens: int = 0  # prompt tokens not prefilled: their K/V came from the prefix cache
+    packed_arrivals: int = 0  # requests prefilled inside a decode step (packing.py)
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "tokens": self.tokens, "requests": self.requests,
                 "max_batch": self.max_batch, "kv_bytes_peak": self.kv_bytes_peak,
                 "admitted_between_layers": self.admitted_between_layers,
-                "prefix_tokens": self.prefix_tokens,
+                "prefix_tokens": self.prefix_tokens, "packed_arrivals": self.packed_arrivals,
                 "batch_sizes": dict(self.batch_sizes)}
 
 
@@ -274,10 +275,18 @@ class Engine:
                     continue
                 budget_left -= pending.budget
                 taken.append(pending)
+            # Counted by load() and failed with the step from now on, not once placed.
+            self._running = [*self._running, *taken]
         now = time.perf_counter()
         for pending in taken:
             pending.started_at = now
         return taken
+
+    def _requeue(self, pending: list[Pending]) -> None:
+        """Requests taken for a step that had no room for them: back to the queue's head."""
+        with self._wake:
+            self._running = [p for p in self._running if p not in pending]
+            self._waiting.extendleft(reversed(pending))
 
     def _take_cancelled(self) -> set[str]:
         with self._wake:

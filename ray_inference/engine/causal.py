@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from ray_inference.engine import packing
 from ray_inference.engine.base import Engine, Pending
 from ray_inference.engine.graphs import MIN_COLUMNS, MIN_ROWS, DecodeGraphs, bucket
 from ray_inference.engine.kv import COLUMN_CHUNK, SlotKV
@@ -35,8 +36,9 @@ class _Launched:
     """A decode step whose tokens have not been handed out yet."""
 
     rows: list  # the batch's rows when the step was launched
-    tokens: torch.Tensor
+    tokens: torch.Tensor  # one per row, then one per arrival
     ready: torch.cuda.Event | None = None
+    arrivals: list = field(default_factory=list)  # (slot, row) of prompts packed into the step
 
 
 @dataclass
@@ -82,12 +84,17 @@ class CausalEngine(Engine):
         self._overlap = self._device.type == "cuda" if overlap is None else overlap
         self._launched: _Launched | None = None
         self._prefixes = PrefixCache() if config.prefix_cache else None
-        # Arrivals during an eager decode step are prefilled at the next layer boundary
-        # (at most once per step) and join the batch when the step ends.
+        # Arrivals ride in the running batch's next eager decode step (packing.py).
+        self._packing = (config.pack_arrivals and not self._overlap and self._graphs is None
+                         and packing.supported(self._model))
+        if self._packing:
+            packing.enable(self._model)
+        # Otherwise arrivals during an eager decode step are prefilled at the next layer
+        # boundary (at most once per step) and join the batch when the step ends.
         self._layer_hooks = []
         self._armed = False
         self._prefilled_midstep: _Prefilled | None = None
-        if config.admit_between_layers and not self._overlap:
+        if config.admit_between_layers and not self._overlap and not self._packing:
             self._layer_hooks = [layer.register_forward_hook(self._layer_done)
                                  for layer in _decoder_layers(self._model)]
         # A row never spans more columns than its prompt plus its new tokens.
@@ -115,7 +122,7 @@ class CausalEngine(Engine):
     def describe(self) -> dict:
         """What the engine runs on, for logs and benchmarks."""
         info = {"kv_bytes": self._kv.nbytes if self._kv else 0,
-                "cuda_graphs": self._graphs is not None}
+                "cuda_graphs": self._graphs is not None, "packed_arrivals": self._packing}
         if self._graphs is not None:
             info.update(graph_captures=self._graphs.captures, graph_replays=self._graphs.replays)
         return info
@@ -124,14 +131,18 @@ class CausalEngine(Engine):
     def step(self) -> None:
         self._drop_cancelled()
         admitted = self._admissible()
+        joining: list[Pending] = []
         if admitted:
             self._settle_launched()
-            prefilled = self._prefill(admitted)
-            self._outbox.flush()  # first tokens go out now, not after this step's decode
-            if prefilled:
-                self._place(prefilled)
+            if self._packing and self._live():
+                joining = self._within_prefill_budget(admitted)
+            else:
+                prefilled = self._prefill(admitted)
+                self._outbox.flush()  # first tokens go out now, not after this step's decode
+                if prefilled:
+                    self._place(prefilled)
         if self._live():
-            self._decode()
+            self._decode(joining)
         if self._prefilled_midstep:
             prefilled, self._prefilled_midstep = self._prefilled_midstep, None
             self._place(prefilled)
@@ -168,8 +179,9 @@ class CausalEngine(Engine):
                           use_cache=True, **extra)
         return out.logits[:, -1, :]
 
-    def _prefill(self, admitted: list[Pending]) -> _Prefilled | None:
-        # What exceeds the step's prefill budget goes back to the queue's head for the next step.
+    def _within_prefill_budget(self, admitted: list[Pending]) -> list[Pending]:
+        """The admitted requests whose prompts fit one step's prefill budget; the rest go back
+        to the queue's head for the next step."""
         batch, total = [], 0
         for pending in admitted:
             length = len(pending.prompt_ids) + len(pending.request.resume_ids)
@@ -178,8 +190,11 @@ class CausalEngine(Engine):
             batch.append(pending)
             total += length
         if len(batch) < len(admitted):
-            with self._wake:
-                self._waiting.extendleft(reversed(admitted[len(batch):]))
+            self._requeue(admitted[len(batch):])
+        return batch
+
+    def _prefill(self, admitted: list[Pending]) -> _Prefilled | None:
+        batch = self._within_prefill_budget(admitted)
         sequences = [p.prompt_ids + p.request.resume_ids for p in batch]
         hit = self._prefixes.match(sequences) if self._prefixes is not None else None
         skip = hit[0] if hit else 0  # prompt tokens whose K/V come from the prefix cache
@@ -201,7 +216,9 @@ class CausalEngine(Engine):
             cache = DynamicCache()
         logits = self._forward(ids, mask, positions, cache)
         if self._prefixes is not None and not hit:
-            self._remember_prefix(sequences, cache, mask)
+            start = int(mask[0].argmax())  # the first row holds it, after its left padding
+            self._remember_prefix(sequences, [(layer.keys[:1], layer.values[:1])
+                                              for layer in cache.layers], start)
         rows = [self._new_row(p) for p in batch]
         tokens = sample(logits, [r.params for r in rows])
         self.stats.steps += 1
@@ -219,16 +236,15 @@ class CausalEngine(Engine):
         return _Prefilled([rows[i] for i in keep], layers, mask[:, first:], lengths,
                           tokens.index_select(0, index))
 
-    def _remember_prefix(self, sequences: list[list[int]], cache, mask) -> None:
-        """Offer a full prefill's prompts to the prefix cache; a prefix it wants is cut out
-        of this prefill's own K/V (the first row holds it, after its left padding)."""
+    def _remember_prefix(self, sequences: list[list[int]], layers, start: int) -> None:
+        """Offer fully prefilled prompts to the prefix cache; a prefix it wants is cut out of
+        their own K/V: `layers` holds (keys, values) of one of them, starting at `start`."""
         prefix = self._prefixes.candidate(sequences)
         if prefix is None:
             return
-        start = int(mask[0].argmax())
-        self._prefixes.add(prefix, [
-            (layer.keys[:1, :, start:start + len(prefix)].clone(),
-             layer.values[:1, :, start:start + len(prefix)].clone()) for layer in cache.layers])
+        end = start + len(prefix)
+        self._prefixes.add(prefix, [(keys[:, :, start:end].clone(), values[:, :, start:end].clone())
+                                    for keys, values in layers])
 
     def _new_row(self, pending: Pending) -> _Row:
         request = pending.request
@@ -302,7 +318,11 @@ class CausalEngine(Engine):
         if columns > self._kv.columns:
             self._grow(columns=self._columns_for(columns))
 
-    def _decode(self) -> None:
+    def _decode(self, joining: list[Pending] = ()) -> None:
+        """One token for every row of the batch; `joining` requests (eager steps only) are
+        prefilled in the same pass and get their first token from it."""
+        batch = list(self._rows)  # arrivals may take free slots among these rows
+        arrivals: list[tuple[int, _Row]] = []
         if self._graphs is not None:
             first = min(r.start for r in self._live())
             rows = min(bucket(len(self._rows), MIN_ROWS), self._kv.slots)
@@ -321,38 +341,47 @@ class CausalEngine(Engine):
                 log.exception("CUDA graph capture failed; decoding without graphs from now on")
                 self._graphs = None
         if self._graphs is None:
-            rows = len(self._rows)
-            first = min(r.start for r in self._live())
+            rows = len(batch)
             if self._column >= self._kv.columns:
+                first = min(r.start for r in self._live())
                 self._make_room(self._column + 1 - first, shift=first)
-                first = 0
+            seated = [self._seat(pending) for pending in joining]
+            first = min(r.start for r in batch if r is not None)
             self._kv.valid[:rows, self._column] = True
             end = self._column + 1
             mask = self._kv.attention_mask(rows, first, end, self._dtype)
-            self._armed = bool(self._layer_hooks)
-            try:
-                logits = self._forward(self._last[:rows, None], mask,
-                                       self._positions[:rows, None],
-                                       self._kv.view(rows, first, end, self._column))
-            finally:
-                self._armed = False
+            if seated:
+                logits = self._packed_forward(rows, first, mask, seated)
+                arrivals = [(slot, row) for slot, row, _, _ in seated]
+            else:
+                self._armed = bool(self._layer_hooks)
+                try:
+                    logits = self._forward(self._last[:rows, None], mask,
+                                           self._positions[:rows, None],
+                                           self._kv.view(rows, first, end, self._column))
+                finally:
+                    self._armed = False
         self._column += 1
-        count = len(self._rows)
-        tokens = sample(logits[:count], [r.params if r else _GREEDY for r in self._rows])
+        count = len(batch)
+        tokens = sample(logits[:count + len(arrivals)],
+                        [r.params if r else _GREEDY for r in batch]
+                        + [row.params for _, row in arrivals])
         # Idle slots keep counting too; the clamp keeps them inside the position table.
         self._positions[:count] = (self._positions[:count] + 1).clamp_(
             max=self.loaded.context_length - 1)
-        self._last[:count] = tokens
+        self._last[:count] = tokens[:count]
+        if arrivals:
+            self._joined(seated, tokens[count:])
         self.stats.steps += 1
         live = len(self._live())
         self.stats.batch_sizes[live] += 1
         self.stats.max_batch = max(self.stats.max_batch, live)
         if not self._overlap:
-            self._settle(_Launched(list(self._rows), tokens))
+            self._settle(_Launched(batch, tokens, arrivals=arrivals))
             return
         # The next step only needs `_last` and `_positions`, which stay on the device: settle
         # the previous step (text, streams, finished rows) while this one runs.
-        launched = _Launched(list(self._rows), tokens.to("cpu", non_blocking=True))
+        launched = _Launched(batch, tokens.to("cpu", non_blocking=True))
         if self._device.type == "cuda":
             launched.ready = torch.cuda.Event()
             launched.ready.record()
@@ -367,11 +396,82 @@ class CausalEngine(Engine):
             launched.ready.synchronize()
         rows = [row if i < len(self._rows) and self._rows[i] is row else None
                 for i, row in enumerate(launched.rows)]
-        self._set_running(rows)
-        keep = set(self._emit(rows, launched.tokens.tolist()))
+        joined = [row for _, row in launched.arrivals]
+        self._set_running([*rows, *joined])
+        tokens = launched.tokens.tolist()
+        keep = set(self._emit(rows, tokens[:len(rows)]))
         for i, row in enumerate(rows):
             if row is not None and i not in keep:
                 self._free(i)
+        keep = set(self._emit(joined, tokens[len(rows):]))
+        for j, (slot, _) in enumerate(launched.arrivals):
+            if j not in keep:
+                self._free(slot)
+
+    def _seat(self, pending: Pending) -> tuple[int, _Row, list[int], tuple | None]:
+        """Give a request packed into this step a slot and a span of columns that ends at the
+        step's column: (slot, row, its sequence, its prefix cache hit)."""
+        sequence = pending.prompt_ids + pending.request.resume_ids
+        hit = self._prefixes.match([sequence]) if self._prefixes is not None else None
+        span = len(sequence)
+        if self._column + 1 < span:  # the prompt is longer than the batch's history
+            self._make_room(span + 1, shift=self._column + 1 - span)
+        slot = next((i for i, r in enumerate(self._rows) if r is None), len(self._rows))
+        if slot >= self._kv.slots:
+            self._grow(slots=max(slot + 1, 2 * self._kv.slots))
+        if slot == len(self._rows):
+            self._rows.append(None)
+        row = self._new_row(pending)
+        row.start = self._column + 1 - span
+        self._rows[slot] = row
+        return slot, row, sequence, hit
+
+    def _packed_forward(self, rows: int, first: int, mask: torch.Tensor, seated) -> torch.Tensor:
+        """The decode step of `rows` slots with the seated requests' prompts packed in: logits
+        of every slot, then of each arrival's last prompt token."""
+        arrivals, ids, positions, offset = [], [], [], 0
+        for slot, row, sequence, hit in seated:  # seated: columns no longer move this step
+            skip = hit[0] if hit else 0
+            if hit:
+                for keys, values, (prefix_keys, prefix_values) in zip(
+                        self._kv.keys, self._kv.values, hit[1], strict=True):
+                    keys[slot, :, row.start:row.start + skip] = prefix_keys[0]
+                    values[slot, :, row.start:row.start + skip] = prefix_values[0]
+            self._kv.valid[slot] = False
+            self._kv.valid[slot, row.start:self._column + 1] = True
+            self.stats.prefix_tokens += skip
+            new = sequence[skip:]
+            arrivals.append(packing.Arrival(slot, offset, len(new), row.start,
+                                            packing.arrival_mask(skip, len(new), self._device)))
+            ids += new
+            positions += range(skip, len(sequence))
+            offset += len(new)
+        plan = packing.PackedPlan(rows, first, self._column, mask, arrivals)
+        ids = torch.cat([self._last[:rows], torch.tensor(ids, device=self._device)])
+        positions = torch.cat([self._positions[:rows],
+                               torch.tensor(positions, device=self._device)])
+        keep = plan.keep(self._device)
+        extra = {self._cache_arg: packing.packed_cache(self._kv.keys, self._kv.values, plan),
+                 packing.PLAN: plan}
+        if self._keep_last_logits:
+            extra["logits_to_keep"] = keep
+        # A 4D mask makes transformers skip building its own; packed attention ignores it.
+        out = self._model(input_ids=ids[None], attention_mask=mask[:1, :, :, :1],
+                          position_ids=positions[None], use_cache=True, **extra)
+        return out.logits[0] if self._keep_last_logits else out.logits[0, keep]
+
+    def _joined(self, seated, tokens: torch.Tensor) -> None:
+        """Packed arrivals continue from their first token; full prompts teach the prefix
+        cache."""
+        for (slot, row, sequence, hit), token in zip(seated, tokens, strict=True):
+            self._positions[slot] = len(sequence)
+            self._last[slot] = token
+            if self._prefixes is not None and not hit:
+                self._remember_prefix([sequence], [
+                    (keys[slot:slot + 1], values[slot:slot + 1])
+                    for keys, values in zip(self._kv.keys, self._kv.values, strict=True)],
+                    row.start)
+        self.stats.packed_arrivals += len(seated)
 
     def _settle_launched(self) -> None:
         if self._launched is not None:
@@ -477,6 +577,8 @@ class CausalEngine(Engine):
         super().shutdown()
         for hook in self._layer_hooks:  # the model may outlive this engine (benchmarks)
             hook.remove()
+        if self._packing:
+            packing.disable(self._model)
 
     def reset(self) -> None:
         self._rows, self._running, self._column = [], [], 0
