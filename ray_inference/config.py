@@ -98,8 +98,9 @@ class EngineConfig(_Section):
     overlap_steps: bool | None = None
     # A request that arrives while a batch runs is prefilled inside the batch's next decode
     # step, not in a forward pass of its own (eager steps of SDPA models: CPUs, or GPUs
-    # without graphs and overlap).
-    pack_arrivals: bool = True
+    # without graphs and overlap). More tokens per second at large batches, a later first
+    # token (docs/engine.md), so off by default.
+    pack_arrivals: bool = False
     # Where arrivals are not packed: one that arrives during a decode step is prefilled at the
     # next layer boundary, not after the step (eager steps only).
     admit_between_layers: bool = True
