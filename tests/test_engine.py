@@ -31,6 +31,15 @@ def reference(loaded, prompt: str, max_new: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
+def sharpen_attention(model) -> None:
+    """Scale the query and key weights of this test's own model copy: attention gets sharp, so
+    a wrong column or position changes the greedy tokens instead of hiding in a near tie."""
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            if module_name.endswith(("q_proj", "k_proj", "c_attn")):
+                module.weight.mul_(20)
+
+
 def assert_all_match_generate(loaded, engine, prompts: list[tuple[str, int]]) -> None:
     """Submit every (prompt, max_tokens) at once; each greedy answer must equal generate's."""
     streams = [engine.submit(GenerationRequest(prompt=p, temperature=0, max_tokens=n))
@@ -108,10 +117,7 @@ def test_arrivals_are_prefilled_inside_the_running_batchs_decode_step(model_dir,
     token, and prompts whose start the prefix cache holds. Every greedy answer stays generate's."""
     loaded, engine = load(model_dir, name, pack_arrivals=pack)
     engine._eos = set()
-    with torch.no_grad():  # sharper attention, so that a wrong column or position shows
-        for module_name, module in loaded.model.named_modules():
-            if module_name.endswith(("q_proj", "k_proj", "c_attn")):
-                module.weight.mul_(20)
+    sharpen_attention(loaded.model)
     shared = "the cat is a dog of no red blue green hello world " * 3
     # The first two prompts that start alike teach the prefix cache (one of them packed);
     # the next two are packed after the cached start.
@@ -141,10 +147,7 @@ def test_arrivals_are_prefilled_inside_the_running_batchs_decode_step(model_dir,
 def test_prompts_that_start_alike_are_prefilled_from_the_prefix_cache(model_dir, name):
     loaded, engine = load(model_dir, name)
     engine._eos = set()
-    with torch.no_grad():  # sharper attention, so that a wrong position changes the tokens
-        for module_name, module in loaded.model.named_modules():
-            if module_name.endswith(("q_proj", "k_proj", "c_attn")):
-                module.weight.mul_(20)
+    sharpen_attention(loaded.model)
     shared = "the cat is a dog of no red blue green hello world " * 3
     endings = ["what", "what is the capital", "of france ?", "red", "the cat is a dog"]
     prompts = [shared + ending for ending in endings]
