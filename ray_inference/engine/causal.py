@@ -84,11 +84,15 @@ class CausalEngine(Engine):
         self._overlap = self._device.type == "cuda" if overlap is None else overlap
         self._launched: _Launched | None = None
         self._prefixes = PrefixCache() if config.prefix_cache else None
-        # Arrivals ride in the running batch's next eager decode step (packing.py).
-        self._packing = (config.pack_arrivals and not self._overlap and self._graphs is None
-                         and packing.supported(self._model))
-        if self._packing:
+        # CPU decode steps run through packing.py's attention: SDPA over the slots with its
+        # own grouped-query support (transformers would repeat K/V per head group for a masked
+        # step), and room for arrivals' prompts in the same pass.
+        self._packed_steps = (self._device.type == "cpu" and not self._overlap
+                              and self._graphs is None and packing.supported(self._model))
+        if self._packed_steps:
             packing.enable(self._model)
+        # Arrivals ride in the running batch's next decode step.
+        self._packing = config.pack_arrivals and self._packed_steps
         # Otherwise arrivals during an eager decode step are prefilled at the next layer
         # boundary (at most once per step) and join the batch when the step ends.
         self._layer_hooks = []
@@ -350,17 +354,17 @@ class CausalEngine(Engine):
             self._kv.valid[:rows, self._column] = True
             end = self._column + 1
             mask = self._kv.attention_mask(rows, first, end, self._dtype)
-            if seated:
-                logits = self._packed_forward(rows, first, mask, seated)
-                arrivals = [(slot, row) for slot, row, _, _ in seated]
-            else:
-                self._armed = bool(self._layer_hooks)
-                try:
+            arrivals = [(slot, row) for slot, row, _, _ in seated]
+            self._armed = bool(self._layer_hooks)
+            try:
+                if self._packed_steps:
+                    logits = self._packed_forward(rows, first, mask, seated)
+                else:
                     logits = self._forward(self._last[:rows, None], mask,
                                            self._positions[:rows, None],
                                            self._kv.view(rows, first, end, self._column))
-                finally:
-                    self._armed = False
+            finally:
+                self._armed = False
         self._column += 1
         count = len(batch)
         tokens = sample(logits[:count + len(arrivals)],
@@ -427,8 +431,8 @@ class CausalEngine(Engine):
         return slot, row, sequence, hit
 
     def _packed_forward(self, rows: int, first: int, mask: torch.Tensor, seated) -> torch.Tensor:
-        """The decode step of `rows` slots with the seated requests' prompts packed in: logits
-        of every slot, then of each arrival's last prompt token."""
+        """The decode step of `rows` slots, with the seated requests' prompts (if any) packed
+        in: logits of every slot, then of each arrival's last prompt token."""
         arrivals, ids, positions, offset = [], [], [], 0
         for slot, row, sequence, hit in seated:  # seated: columns no longer move this step
             skip = hit[0] if hit else 0
@@ -447,9 +451,10 @@ class CausalEngine(Engine):
             positions += range(skip, len(sequence))
             offset += len(new)
         plan = packing.PackedPlan(rows, first, self._column, mask, arrivals)
-        ids = torch.cat([self._last[:rows], torch.tensor(ids, device=self._device)])
+        ids = torch.cat([self._last[:rows],
+                         torch.tensor(ids, dtype=torch.long, device=self._device)])
         positions = torch.cat([self._positions[:rows],
-                               torch.tensor(positions, device=self._device)])
+                               torch.tensor(positions, dtype=torch.long, device=self._device)])
         keep = plan.keep(self._device)
         extra = {self._cache_arg: packing.packed_cache(self._kv.keys, self._kv.values, plan),
                  packing.PLAN: plan}
@@ -577,7 +582,7 @@ class CausalEngine(Engine):
         super().shutdown()
         for hook in self._layer_hooks:  # the model may outlive this engine (benchmarks)
             hook.remove()
-        if self._packing:
+        if self._packed_steps:
             packing.disable(self._model)
 
     def reset(self) -> None:
