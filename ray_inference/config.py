@@ -97,8 +97,8 @@ class EngineConfig(_Section):
     # Hand out a decode step's tokens while the next step runs (default: on GPUs only).
     overlap_steps: bool | None = None
     # A request that arrives while a batch runs is prefilled inside the batch's next decode
-    # step, not in a forward pass of its own (eager steps of SDPA models: CPUs, or GPUs
-    # without graphs and overlap). More tokens per second at large batches, a later first
+    # step, not in a forward pass of its own (CPU workers, models that run SDPA through
+    # transformers' attention interface). More tokens per second at large batches, a later first
     # token (docs/engine.md), so off by default.
     pack_arrivals: bool = False
     # Where arrivals are not packed: one that arrives during a decode step is prefilled at the

@@ -12,7 +12,9 @@ pass.
 
 The model's attention must go through transformers' attention interface: `enable` switches a
 model whose implementation is SDPA to `rayinfer_packed`, which is SDPA itself unless a forward
-pass carries a `PackedPlan`.
+pass carries a `PackedPlan`. The engine runs every CPU decode step this way, arrivals or not:
+SDPA's own grouped-query support reads each K/V head once, where transformers' SDPA path
+copies K/V once per query head group whenever a step has a mask (every decode step here).
 """
 
 from __future__ import annotations
