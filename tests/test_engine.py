@@ -52,6 +52,8 @@ def assert_all_match_generate(loaded, engine, prompts: list[tuple[str, int]]) ->
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_batched_greedy_matches_one_at_a_time_generate(model_dir, name, overlap):
     loaded, engine = load(model_dir, name, overlap_steps=overlap)
+    # Settled CPU steps run packing.py's grouped-query attention; overlapped ones transformers'.
+    assert engine.describe()["grouped_query_steps"] is (not overlap)
     engine._eos = set()  # compare raw token streams with generate's
     prompts = ["hello world", "what is the capital of france ?", "red", "the cat is a dog of no"]
     assert_all_match_generate(loaded, engine, [(p, 12) for p in prompts])
@@ -116,6 +118,7 @@ def test_arrivals_are_prefilled_inside_the_running_batchs_decode_step(model_dir,
     one longer than the batch's history (columns move right), one that ends with its first
     token, and prompts whose start the prefix cache holds. Every greedy answer stays generate's."""
     loaded, engine = load(model_dir, name, pack_arrivals=pack)
+    assert engine.describe()["pack_arrivals"] is pack
     engine._eos = set()
     sharpen_attention(loaded.model)
     shared = "the cat is a dog of no red blue green hello world " * 3

@@ -126,7 +126,8 @@ class CausalEngine(Engine):
     def describe(self) -> dict:
         """What the engine runs on, for logs and benchmarks."""
         info = {"kv_bytes": self._kv.nbytes if self._kv else 0,
-                "cuda_graphs": self._graphs is not None, "packed_arrivals": self._packing}
+                "cuda_graphs": self._graphs is not None, "grouped_query_steps": self._packed_steps,
+                "pack_arrivals": self._packing}
         if self._graphs is not None:
             info.update(graph_captures=self._graphs.captures, graph_replays=self._graphs.replays)
         return info
@@ -283,13 +284,7 @@ class CausalEngine(Engine):
             self._rows, self._column = [], 0
         if self._column < width:  # the new prompt is longer than the batch's history
             self._make_room(width + 1, shift=self._column - width)
-        holes = [i for i, r in enumerate(self._rows) if r is None]
-        slots = holes[:len(rows)]
-        slots += range(len(self._rows), len(self._rows) + len(rows) - len(slots))
-        needed = max(slots) + 1
-        if needed > self._kv.slots:
-            self._grow(slots=max(needed, 2 * self._kv.slots))
-        self._rows += [None] * (needed - len(self._rows))
+        slots = self._free_slots(len(rows))
         index = torch.tensor(slots, device=self._device)
         self._kv.write_rows(index, self._column, prefilled.layers, prefilled.mask)
         self._positions.index_copy_(0, index, torch.tensor(lengths, device=self._device))
@@ -301,6 +296,17 @@ class CausalEngine(Engine):
             row.start = self._column - width + first
             self._rows[slot] = row
         self._running = [r.pending for r in self._live()]
+
+    def _free_slots(self, count: int) -> list[int]:
+        """Slots for `count` new rows: the batch's holes first, then new slots at its end
+        (the cache grows only then)."""
+        holes = [i for i, r in enumerate(self._rows) if r is None][:count]
+        slots = holes + list(range(len(self._rows), len(self._rows) + count - len(holes)))
+        needed = max(slots) + 1
+        if needed > self._kv.slots:
+            self._grow(slots=max(needed, 2 * self._kv.slots))
+        self._rows += [None] * (needed - len(self._rows))
+        return slots
 
     def _grow(self, slots: int = 0, columns: int = 0) -> None:
         old = self._kv.slots
@@ -398,18 +404,14 @@ class CausalEngine(Engine):
         extra token is dropped); nobody took their slot, since admission settles first."""
         if launched.ready is not None:
             launched.ready.synchronize()
-        rows = [row if i < len(self._rows) and self._rows[i] is row else None
-                for i, row in enumerate(launched.rows)]
-        joined = [row for _, row in launched.arrivals]
-        self._set_running([*rows, *joined])
-        tokens = launched.tokens.tolist()
-        keep = set(self._emit(rows, tokens[:len(rows)]))
-        for i, row in enumerate(rows):
-            if row is not None and i not in keep:
-                self._free(i)
-        keep = set(self._emit(joined, tokens[len(rows):]))
-        for j, (slot, _) in enumerate(launched.arrivals):
-            if j not in keep:
+        # (slot, row) per token: the step's rows, then the arrivals packed into it.
+        seats = [(i, row if i < len(self._rows) and self._rows[i] is row else None)
+                 for i, row in enumerate(launched.rows)] + launched.arrivals
+        rows = [row for _, row in seats]
+        self._set_running(rows)
+        keep = set(self._emit(rows, launched.tokens.tolist()))
+        for j, (slot, row) in enumerate(seats):
+            if row is not None and j not in keep:
                 self._free(slot)
 
     def _seat(self, pending: Pending) -> tuple[int, _Row, list[int], tuple | None]:
@@ -420,11 +422,7 @@ class CausalEngine(Engine):
         span = len(sequence)
         if self._column + 1 < span:  # the prompt is longer than the batch's history
             self._make_room(span + 1, shift=self._column + 1 - span)
-        slot = next((i for i, r in enumerate(self._rows) if r is None), len(self._rows))
-        if slot >= self._kv.slots:
-            self._grow(slots=max(slot + 1, 2 * self._kv.slots))
-        if slot == len(self._rows):
-            self._rows.append(None)
+        slot = self._free_slots(1)[0]
         row = self._new_row(pending)
         row.start = self._column + 1 - span
         self._rows[slot] = row
