@@ -1,10 +1,12 @@
 """Why arrivals ride in the decode step (ray_inference/engine/packing.py).
 
 Side by side in one process, on SmolLM2 (the packaged model): a decode step of ROWS rows over
-COLUMNS columns of history, the prefill of one arrival's 12 prompt tokens after a cached
-24-token prefix in a pass of its own, and one packed pass that does both. Prints the median
-milliseconds of each, rounds alternating, and the packed pass against the two passes it
-replaces; then checks that the packed pass's logits agree with the separate passes' (argmax).
+COLUMNS columns of history, once through transformers' SDPA path (K/V repeated per query head
+group, as a masked step gets it there) and once through packing.py's attention with no arrival
+(grouped-query SDPA: how the engine runs every CPU decode step); the prefill of one arrival's
+12 prompt tokens after a cached 24-token prefix in a pass of its own; and one packed pass that
+does the step and the prefill. Prints the median milliseconds of each, rounds alternating, and
+the ratios; then checks that the packed pass's argmax agrees with the separate passes'.
 
     .venv/bin/python benchmarks/packed_step.py [--rows 64] [--dtype auto]
 """
@@ -67,6 +69,16 @@ def main() -> None:
                      position_ids=torch.arange(PREFIX, PREFIX + NEW)[None], cache=cache,
                      use_cache=True, logits_to_keep=1).logits[:, -1]
 
+    def grouped() -> torch.Tensor:
+        kv.valid[:rows, column] = True
+        mask = kv.attention_mask(rows, 0, column + 1, dtype)
+        plan = packing.PackedPlan(rows, 0, column, mask, [])
+        return model(input_ids=tokens[None], attention_mask=mask[:1, :, :, :1],
+                     position_ids=positions[None],
+                     cache=packing.packed_cache(kv.keys, kv.values, plan), use_cache=True,
+                     logits_to_keep=plan.keep(torch.device("cpu")),
+                     **{packing.PLAN: plan}).logits[0]
+
     def packed() -> torch.Tensor:
         slot, start = rows, column + 1 - PREFIX - NEW
         for keys, values, layer in zip(kv.keys, kv.values, prefix_cache.layers, strict=True):
@@ -83,7 +95,8 @@ def main() -> None:
                      logits_to_keep=plan.keep(torch.device("cpu")),
                      **{packing.PLAN: plan}).logits[0]
 
-    passes = {"decode step": decode, "arrival's own prefill": prefill, "packed pass": packed}
+    passes = {"decode, K/V repeated": decode, "decode, grouped-query": grouped,
+              "arrival's own prefill": prefill, "packed pass": packed}
     times: dict[str, list[float]] = {name: [] for name in passes}
     with torch.inference_mode():
         for _ in range(args.rounds):
@@ -92,18 +105,22 @@ def main() -> None:
                     began = time.perf_counter()
                     run()
                     times[name].append(time.perf_counter() - began)
-        same_rows = (packed()[:rows].argmax(-1) == decode().argmax(-1)).float().mean().item()
+        same_grouped = (grouped().argmax(-1) == decode().argmax(-1)).float().mean().item()
+        same_rows = (packed()[:rows].argmax(-1) == grouped().argmax(-1)).float().mean().item()
         same_arrival = bool(packed()[rows].argmax() == prefill()[0].argmax())
     medians = {name: statistics.median(t) * 1000 for name, t in times.items()}
     print(f"SmolLM2 {dtype}, {torch.get_num_threads()} threads, {rows} rows x {COLUMNS} "
           f"columns, an arrival of {NEW} tokens after a cached {PREFIX}:")
     for name, ms in medians.items():
         print(f"  {name:24s} {ms:7.1f} ms")
-    separate = medians["decode step"] + medians["arrival's own prefill"]
-    print(f"  decode + own prefill     {separate:7.1f} ms")
-    print(f"  packed / (decode + own prefill): {medians['packed pass'] / separate:.2f}")
-    print(f"  packed / decode alone:           {medians['packed pass'] / medians['decode step']:.2f}")
-    print(f"  argmax agrees: rows {same_rows:.0%}, arrival {same_arrival}")
+    step = medians["decode, grouped-query"]
+    separate = step + medians["arrival's own prefill"]
+    print(f"  grouped-query / K/V repeated:               "
+          f"{step / medians['decode, K/V repeated']:.2f}")
+    print(f"  packed / (grouped-query decode + prefill):  {medians['packed pass'] / separate:.2f}")
+    print(f"  packed / grouped-query decode alone:        {medians['packed pass'] / step:.2f}")
+    print(f"  argmax agrees: grouped-query rows with repeated {same_grouped:.0%}; packed rows "
+          f"with grouped-query {same_rows:.0%}; arrival with its own prefill {same_arrival}")
 
 
 if __name__ == "__main__":

@@ -100,12 +100,16 @@ def hf_continuous(loaded, work: Workload, concurrency: int, tick: Tick = _no_tic
                tokens, seconds)
 
 
-def engine_run(loaded, work: Workload, concurrency: int, tick: Tick = _no_tick) -> Row:
+def engine_run(loaded, work: Workload, concurrency: int, tick: Tick = _no_tick,
+               settings: dict | None = None) -> Row:
+    """(c): `concurrency` clients against the engine; `settings` are further EngineConfig
+    fields (benchmarks/engine_settings.py compares them)."""
     from ray_inference.config import EngineConfig
     from ray_inference.engine import GenerationRequest, create_engine
 
     engine = create_engine(loaded, EngineConfig(max_batch_size=concurrency,
-                                                max_queue=len(work.lengths) + 1))
+                                                max_queue=len(work.lengths) + 1,
+                                                **(settings or {})))
     ttfts: list[tuple[float, bool]] = []  # (time to first token, the client's first request)
     tokens = [0]
     lock = threading.Lock()
