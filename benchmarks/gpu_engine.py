@@ -7,8 +7,9 @@ For each model shape it runs, on the same requests (prompt and output lengths dr
 fixed seed, end of sequence ignored so every variant makes the same tokens): HF padded batches
 (`generate`, the bound of static batching), transformers' own continuous batching
 (`generate_batch`), and the rayinfer engine without and with CUDA graphs (and with graphs but
-without overlapping host work with the GPU: `engine_graphs_settled`). It prints a table
-with ratios and writes JSON.
+without overlapping host work with the GPU: `engine_graphs_settled`; with graphs but
+transformers' own attention, K/V copied per query head group: `engine_graphs_hf_attention`).
+It prints a table with ratios and writes JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import statistics
 import sys
 import time
 import traceback
+import unittest.mock
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ray_inference.engine import GenerationRequest, create_engine
+from ray_inference.engine import GenerationRequest, create_engine, packing
 from ray_inference.models.loader import LoadedModel
 
 SHAPES = {
@@ -138,12 +140,24 @@ async def _drive(engine, prompts, lengths):
     return time.perf_counter() - start, results
 
 
-def engine_run(loaded, prompts, lengths, batch, graphs, overlap=None):
-    # Every field of EngineConfig (pydantic is not on the GPU machine).
-    config = SimpleNamespace(max_batch_size=batch, max_queue=len(prompts) + 1,
-                             max_tokens_in_flight=10_000_000, default_max_tokens=128,
-                             max_prefill_tokens=4096, cuda_graphs=graphs, overlap_steps=overlap)
-    engine = create_engine(loaded, config)
+# Every field of EngineConfig with its default (pydantic is not on the GPU machine;
+# tests/test_bench.py checks that this stays in step with ray_inference/config.py).
+ENGINE_DEFAULTS = dict(dtype="auto", max_batch_size=64, max_queue=256, max_tokens_in_flight=65_536,
+                       default_max_tokens=128, torch_threads=None, max_prefill_tokens=4096,
+                       cuda_graphs=True, overlap_steps=None, pack_arrivals=False,
+                       admit_between_layers=True, prefix_cache=True, stream_messages_per_s=100)
+
+
+def engine_run(loaded, prompts, lengths, batch, graphs, overlap=None, our_attention=True):
+    config = SimpleNamespace(**{**ENGINE_DEFAULTS, "max_batch_size": batch,
+                                "max_queue": len(prompts) + 1,
+                                "max_tokens_in_flight": 10_000_000, "cuda_graphs": graphs,
+                                "overlap_steps": overlap})
+    if our_attention:
+        engine = create_engine(loaded, config)
+    else:  # as if the model's attention could not be replaced: transformers' SDPA path
+        with unittest.mock.patch.object(packing, "supported", lambda model: False):
+            engine = create_engine(loaded, config)
     # Warm up (CUDA graphs are captured here, once per bucket), then measure.
     asyncio.run(_drive(engine, prompts, lengths))
     sync(loaded.device)
@@ -204,6 +218,9 @@ def main() -> int:
                 elif variant == "engine_graphs_settled":  # no overlap of host work and GPU
                     runs[variant] = engine_run(loaded, prompts, lengths, args.requests, True,
                                                overlap=False)
+                elif variant == "engine_graphs_hf_attention":  # K/V repeated per head group
+                    runs[variant] = engine_run(loaded, prompts, lengths, args.requests, True,
+                                               our_attention=False)
             except Exception as exc:  # one broken variant must not hide the others
                 traceback.print_exc()
                 runs[variant] = {"error": f"{type(exc).__name__}: {exc}"}

@@ -58,9 +58,14 @@ def main() -> None:
     def decode() -> torch.Tensor:
         kv.valid[:rows, column] = True
         mask = kv.attention_mask(rows, 0, column + 1, dtype)
-        return model(input_ids=tokens[:, None], attention_mask=mask,
-                     position_ids=positions[:, None], cache=kv.view(rows, 0, column + 1, column),
-                     use_cache=True, logits_to_keep=1).logits[:, -1]
+        packing.disable(model)  # transformers' own SDPA path, as without rayinfer's attention
+        try:
+            return model(input_ids=tokens[:, None], attention_mask=mask,
+                         position_ids=positions[:, None],
+                         cache=kv.view(rows, 0, column + 1, column), use_cache=True,
+                         logits_to_keep=1).logits[:, -1]
+        finally:
+            packing.enable(model)
 
     def prefill() -> torch.Tensor:
         cache = DynamicCache(ddp_cache_data=[(layer.keys.clone(), layer.values.clone())

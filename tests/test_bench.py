@@ -53,3 +53,12 @@ def test_the_cli_labels_each_variants_progress_bar(capsys):
     assert "b64" in err
     # Not a terminal here: click draws no bar, only the label, once, however many ticks.
     assert err == " b64\n"
+
+
+def test_the_gpu_benchmark_passes_every_engine_setting_with_its_default():
+    """benchmarks/gpu_engine.py runs where pydantic is not installed, so it spells out
+    EngineConfig's fields itself: a field added to the config must be added there too."""
+    from benchmarks.gpu_engine import ENGINE_DEFAULTS
+    from ray_inference.config import EngineConfig
+
+    assert EngineConfig().model_dump() == ENGINE_DEFAULTS

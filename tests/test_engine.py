@@ -48,12 +48,40 @@ def assert_all_match_generate(loaded, engine, prompts: list[tuple[str, int]]) ->
         assert [t for c in stream for t in c.token_ids] == reference(loaded, prompt, n), prompt
 
 
+def test_decode_attention_equals_attention_over_repeated_heads():
+    """Decode steps' grouped-query attention computes what SDPA computes over K/V copied once
+    per query head (transformers' path), masked columns included."""
+    from ray_inference.engine.packing import decode_attention
+
+    generator = torch.Generator().manual_seed(0)
+    rows, heads, kv_heads, columns, dim = 5, 12, 4, 37, 16
+    query = torch.randn(rows, heads, 1, dim, generator=generator)
+    key, value = (torch.randn(rows, kv_heads, columns, dim, generator=generator)
+                  for _ in range(2))
+    valid = torch.rand(rows, columns, generator=generator) > 0.4
+    valid[:, -1] = True
+    mask = (~valid)[:, None, None, :].float() * torch.finfo(torch.float32).min
+    group = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1),
+        attn_mask=mask, scale=0.3).transpose(1, 2)
+    out = decode_attention(query, key, value, mask, 0.3)
+    torch.testing.assert_close(out, expected)
+    # A column the mask hides does not count: changing it changes nothing.
+    hidden = (~valid).nonzero()[0]
+    value[hidden[0], :, hidden[1]] += 100.0
+    torch.testing.assert_close(decode_attention(query, key, value, mask, 0.3), out)
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["settled", "overlapped"])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_batched_greedy_matches_one_at_a_time_generate(model_dir, name, overlap):
     loaded, engine = load(model_dir, name, overlap_steps=overlap)
-    # Settled CPU steps run packing.py's grouped-query attention; overlapped ones transformers'.
-    assert engine.describe()["grouped_query_steps"] is (not overlap)
+    # Every decode step runs packing.py's grouped-query attention; settled CPU steps as packed
+    # steps, overlapped ones (as on a GPU) through the model's own forward pass.
+    described = engine.describe()
+    assert described["grouped_query_steps"]
+    assert described["packed_steps"] is (not overlap)
     engine._eos = set()  # compare raw token streams with generate's
     prompts = ["hello world", "what is the capital of france ?", "red", "the cat is a dog of no"]
     assert_all_match_generate(loaded, engine, [(p, 12) for p in prompts])

@@ -84,13 +84,14 @@ class CausalEngine(Engine):
         self._overlap = self._device.type == "cuda" if overlap is None else overlap
         self._launched: _Launched | None = None
         self._prefixes = PrefixCache() if config.prefix_cache else None
-        # CPU decode steps run through packing.py's attention: SDPA over the slots with its
-        # own grouped-query support (transformers would repeat K/V per head group for a masked
-        # step), and room for arrivals' prompts in the same pass.
-        self._packed_steps = (self._device.type == "cpu" and not self._overlap
-                              and self._graphs is None and packing.supported(self._model))
-        if self._packed_steps:
+        # Decode steps run packing.py's attention, which reads each K/V head once
+        # (transformers' SDPA path would copy K/V per query head group for a masked step).
+        self._grouped_query = packing.supported(self._model)
+        if self._grouped_query:
             packing.enable(self._model)
+        # Settled CPU steps go through it as packed steps, with room for arrivals' prompts.
+        self._packed_steps = (self._device.type == "cpu" and not self._overlap
+                              and self._graphs is None and self._grouped_query)
         # Arrivals ride in the running batch's next decode step.
         self._packing = config.pack_arrivals and self._packed_steps
         # Otherwise arrivals during an eager decode step are prefilled at the next layer
@@ -126,8 +127,8 @@ class CausalEngine(Engine):
     def describe(self) -> dict:
         """What the engine runs on, for logs and benchmarks."""
         info = {"kv_bytes": self._kv.nbytes if self._kv else 0,
-                "cuda_graphs": self._graphs is not None, "grouped_query_steps": self._packed_steps,
-                "pack_arrivals": self._packing}
+                "cuda_graphs": self._graphs is not None, "grouped_query_steps": self._grouped_query,
+                "packed_steps": self._packed_steps, "pack_arrivals": self._packing}
         if self._graphs is not None:
             info.update(graph_captures=self._graphs.captures, graph_replays=self._graphs.replays)
         return info
@@ -580,7 +581,7 @@ class CausalEngine(Engine):
         super().shutdown()
         for hook in self._layer_hooks:  # the model may outlive this engine (benchmarks)
             hook.remove()
-        if self._packed_steps:
+        if self._grouped_query:
             packing.disable(self._model)
 
     def reset(self) -> None:

@@ -11,10 +11,11 @@ step, and each arrival causally over its own span. Its first token comes out of 
 pass.
 
 The model's attention must go through transformers' attention interface: `enable` switches a
-model whose implementation is SDPA to `rayinfer_packed`, which is SDPA itself unless a forward
-pass carries a `PackedPlan`. The engine runs every CPU decode step this way, arrivals or not:
-SDPA's own grouped-query support reads each K/V head once, where transformers' SDPA path
-copies K/V once per query head group whenever a step has a mask (every decode step here).
+model whose implementation is SDPA to `rayinfer_packed`, which is SDPA itself for prompts
+(several query tokens) and `decode_attention` for decode steps (one query token per row), and
+packs a step that carries a `PackedPlan`. Every decode step runs this way, on any device,
+arrivals or not: transformers' SDPA path copies K/V once per query head group whenever a step
+has a mask (every decode step here), where decode_attention reads each K/V head once.
 """
 
 from __future__ import annotations
@@ -84,19 +85,32 @@ def disable(model: torch.nn.Module) -> None:
         model.set_attn_implementation("sdpa")
 
 
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     mask: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """One query token per row: query (rows, heads, 1, dim) over key/value (rows, kv_heads,
+    columns, dim) with an additive (rows, 1, 1, columns) mask; returns (rows, 1, heads, dim).
+    SDPA's own grouped-query support reads K/V as stored (benchmarks/gpu_step.py: 0.09x the
+    time of attention over repeated K/V on an H100, and faster than folding each head group
+    into the query length)."""
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
+
+
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      **kwargs):
     plan: PackedPlan | None = kwargs.pop(PLAN, None)
     if plan is None:
+        if query.shape[2] == 1 and attention_mask is not None and not module.training:
+            return decode_attention(query, key, value, attention_mask, scaling), None
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
     # query: (1, heads, rows + new tokens, dim); key/value: the layer's whole SlotKV buffers.
     query = query[0]
     rows, end = plan.rows, plan.column + 1
     batch = query[:, :rows].transpose(0, 1).unsqueeze(2)
-    outputs = [F.scaled_dot_product_attention(
-        batch, key[:rows, :, plan.first:end], value[:rows, :, plan.first:end],
-        attn_mask=plan.mask, scale=scaling, enable_gqa=True)[:, :, 0]]
+    outputs = [decode_attention(batch, key[:rows, :, plan.first:end],
+                                value[:rows, :, plan.first:end], plan.mask, scaling)[:, 0]]
     for arrival in plan.arrivals:
         start = rows + arrival.offset
         mine = query[:, start:start + arrival.length].unsqueeze(0)
