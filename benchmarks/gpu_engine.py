@@ -5,10 +5,11 @@
 
 For each model shape it runs, on the same requests (prompt and output lengths drawn with a
 fixed seed, end of sequence ignored so every variant makes the same tokens): HF padded batches
-(`generate`, the bound of static batching), transformers' own continuous batching
-(`generate_batch`), and the rayinfer engine without and with CUDA graphs (and with graphs but
-without overlapping host work with the GPU: `engine_graphs_settled`; with graphs but
-transformers' own attention, K/V copied per query head group: `engine_graphs_hf_attention`).
+(`generate`, the bound of static batching); transformers' own continuous batching (its
+ContinuousBatchingManager, without and with its CUDA graphs: `hf_cb`, `hf_cb_graphs`); the
+rayinfer engine without and with CUDA graphs (`engine`, `engine_graphs`), with graphs but
+without overlapping host work with the GPU (`engine_graphs_settled`), and with graphs but
+transformers' own attention, K/V copied per query head group (`engine_graphs_hf_attention`).
 It prints a table with ratios and writes JSON.
 """
 
@@ -103,21 +104,44 @@ def hf_padded(loaded, prompts, lengths, batch):
     return {"seconds": time.perf_counter() - start, "tokens": sum(lengths)}
 
 
-def hf_continuous(loaded, prompts, lengths, batch):
+def hf_continuous(loaded, prompts, lengths, batch, graphs):
+    """transformers' own continuous batching (paged attention), each request with its own
+    max_new_tokens, through its manager; like the engine, one pass to warm up (graph capture)
+    and one measured."""
     from transformers import GenerationConfig
 
     inputs = [loaded.tokenizer(p)["input_ids"] for p in prompts]
-    config = GenerationConfig(max_new_tokens=max(lengths), min_new_tokens=max(lengths),
-                              do_sample=False, eos_token_id=-1, pad_token_id=0,
-                              max_batch_tokens=batch * 64)
-    sync(loaded.device)
-    start = time.perf_counter()
-    outputs = loaded.model.generate_batch(inputs=inputs, generation_config=config,
-                                          progress_bar=False)
-    sync(loaded.device)
-    tokens = sum(min(len(o.generated_tokens), n)
-                 for o, n in zip(outputs.values(), lengths, strict=False))
-    return {"seconds": time.perf_counter() - start, "tokens": tokens}
+    generation = GenerationConfig(max_new_tokens=max(lengths), do_sample=False, eos_token_id=-1,
+                                  pad_token_id=0)
+    settings = {}
+    try:
+        from transformers.generation import ContinuousBatchingConfig
+    except ImportError:  # older transformers read these from the generation config
+        generation.max_batch_tokens = batch * 64
+    else:
+        settings["continuous_batching_config"] = ContinuousBatchingConfig(
+            max_batch_tokens=batch * 64, use_cuda_graph=graphs)
+    manager = loaded.model.init_continuous_batching(generation_config=generation, **settings)
+    manager.start()
+    try:
+        for _ in range(2):
+            sync(loaded.device)
+            start = time.perf_counter()
+            for i, (ids, length) in enumerate(zip(inputs, lengths, strict=True)):
+                manager.add_request(ids, request_id=f"r{i}", max_new_tokens=length)
+            tokens, finished = 0, 0
+            while finished < len(inputs):
+                result = manager.get_result(timeout=60)
+                if result is None:
+                    raise RuntimeError("transformers' continuous batching stopped answering")
+                if result.is_finished():
+                    finished += 1
+                    tokens += len(result.generated_tokens)
+            sync(loaded.device)
+            seconds = time.perf_counter() - start
+    finally:
+        manager.stop(block=True)
+    return {"seconds": seconds, "tokens": tokens, "cuda_graphs": graphs}
 
 
 async def _drive(engine, prompts, lengths):
@@ -209,8 +233,9 @@ def main() -> int:
             try:
                 if variant == "padded":
                     runs[variant] = hf_padded(loaded, prompts, lengths, args.requests)
-                elif variant == "hf_cb":
-                    runs[variant] = hf_continuous(loaded, prompts, lengths, args.requests)
+                elif variant in ("hf_cb", "hf_cb_graphs"):
+                    runs[variant] = hf_continuous(loaded, prompts, lengths, args.requests,
+                                                  graphs=variant == "hf_cb_graphs")
                 elif variant == "engine":
                     runs[variant] = engine_run(loaded, prompts, lengths, args.requests, False)
                 elif variant == "engine_graphs":
