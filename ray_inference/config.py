@@ -46,9 +46,16 @@ class RayPorts(_Section):
 class HeadConfig(_Section):
     ray_port: int = Field(6379, ge=1024, le=65535)
     node_ip: str | None = None
-    include_dashboard: bool = True
+    # Ray's dashboard: seven module processes, about 0.9 GiB more on the head
+    # (benchmarks/head_settings_memory.py), and unauthenticated code execution for whoever
+    # reaches it (CVE-2023-48022). Off unless asked for.
+    include_dashboard: bool = False
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=1024, le=65535)
+    # Ray's autoscaler monitor (about 80 MiB): rayinfer adds nodes through the inventory, never
+    # through Ray's autoscaler. Without it `ray status` says "No cluster status"; `rayinfer
+    # status` shows the cluster either way.
+    autoscaler_monitor: bool = False
     object_store_memory: int = Field(100_000_000, ge=78_643_200)
     memory: int | None = Field(None, ge=100_000_000)
     gateway_host: str = "127.0.0.1"

@@ -48,6 +48,8 @@ def head_command(config: Config) -> list[str]:
     if head.include_dashboard:
         args += [f"--dashboard-host={head.dashboard_host}",
                  f"--dashboard-port={head.dashboard_port}"]
+    if not head.autoscaler_monitor:
+        args.append("--no-monitor")
     if config.ports.client_server:
         args.append(f"--ray-client-server-port={config.ports.client_server}")
     if head.memory:

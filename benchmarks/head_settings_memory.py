@@ -1,0 +1,95 @@
+"""What the head's optional Ray processes cost, side by side: an idle `rayinfer head` started with
+each combination of `head.include_dashboard` and `head.autoscaler_monitor`, one after another
+in one run, and the RSS and PSS summed over its processes once it is ready.
+
+    .venv/bin/python benchmarks/head_settings_memory.py [--out FILE]
+
+It starts heads on ports 26379-26450 and the gateway on 127.0.0.1:28000 (nothing else may use
+them meanwhile), and stops each one before the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from ray_inference.bench.memory import command, process_tree, rss_pss
+
+PORTS = {"node_manager": 26380, "object_manager": 26381, "runtime_env_agent": 26382,
+         "dashboard_agent_grpc": 26383, "dashboard_agent_http": 26384, "metrics_export": 26385,
+         "client_server": 26386, "min_worker_port": 26400, "max_worker_port": 26450}
+GATEWAY = 28000
+VARIANTS = {  # name: (include_dashboard, autoscaler_monitor)
+    "default (both off)": (False, False),
+    "autoscaler monitor on": (False, True),
+    "dashboard on": (True, False),
+    "both on (the defaults before)": (True, True),
+}
+
+
+def measure(directory: Path, dashboard: bool, monitor: bool, settle_s: float) -> dict:
+    config = directory / "head.yaml"
+    config.write_text(yaml.safe_dump({"ports": PORTS, "head": {
+        "ray_port": 26379, "node_ip": "127.0.0.1", "gateway_port": GATEWAY,
+        "dashboard_port": 28265, "include_dashboard": dashboard,
+        "autoscaler_monitor": monitor}}))
+    rayinfer = Path(sys.executable).with_name("rayinfer")
+    with open(directory / "head.log", "w") as log:
+        head = subprocess.Popen([str(rayinfer), "head", "--config", str(config)], stdout=log,
+                                stderr=subprocess.STDOUT,
+                                env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{GATEWAY}/health/live", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or head.poll() is not None:
+                raise RuntimeError(f"the head did not start: {(directory / 'head.log').read_text()}")
+            time.sleep(1)
+        time.sleep(settle_s)  # the dashboard's modules come up after the gateway answers
+        sample = {pid: m for pid in process_tree(head.pid) if (m := rss_pss(pid))}
+        return {"rss_bytes": sum(r for r, _ in sample.values()),
+                "pss_bytes": sum(p for _, p in sample.values()),
+                "processes": len(sample),
+                "largest": sorted(((r, command(pid)[:60]) for pid, (r, _) in sample.items()),
+                                  reverse=True)[:3]}
+    finally:
+        head.terminate()
+        head.wait(timeout=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settle", type=float, default=10.0,
+                        help="seconds to wait after the gateway answers")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as directory:
+        for name, (dashboard, monitor) in VARIANTS.items():
+            results[name] = measure(Path(directory), dashboard, monitor, args.settle)
+            row = results[name]
+            print(f"{name:32s} RSS {row['rss_bytes'] / 2**20:6.0f} MiB  PSS "
+                  f"{row['pss_bytes'] / 2**20:6.0f} MiB  {row['processes']} processes",
+                  flush=True)
+    base = results["default (both off)"]["rss_bytes"]
+    for name, row in results.items():
+        print(f"  {name:32s} {row['rss_bytes'] / base:5.2f}x the default's RSS")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
