@@ -64,8 +64,7 @@ def processes(tmp_path_factory, tiny_llama):
     gcs, gateway = free_port(), free_port()
     head_cfg = write_config(folder / "head.yaml", {
         "ports": port_block(),
-        "head": {"ray_port": gcs, "node_ip": "127.0.0.1", "include_dashboard": False,
-                 "gateway_port": gateway},
+        "head": {"ray_port": gcs, "node_ip": "127.0.0.1", "gateway_port": gateway},
     })
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     started: list[subprocess.Popen] = []
@@ -138,6 +137,15 @@ def test_the_heads_processes_never_load_torch(processes):
     assert [command(pid) for pid in tree if maps_library(pid, "libtorch")] == []
     # ... while each worker's model actor does.
     assert any(maps_library(pid, "libtorch") for pid in process_tree(processes["workers"][0].pid))
+
+
+def test_the_head_runs_without_rays_dashboard_modules_or_autoscaler_monitor(processes):
+    """By default the head leaves out what rayinfer never uses: the dashboard's module processes
+    (about 89 MiB each) and the autoscaler monitor."""
+    commands = [command(pid) for pid in process_tree(processes["head"].pid)]
+    assert any("gcs_server" in c for c in commands)  # the Ray head itself runs
+    assert [c for c in commands if "ray-dashboard-" in c] == []
+    assert [c for c in commands if "/autoscaler/" in c and "monitor.py" in c] == []
 
 
 def test_sigterm_drains_a_worker_without_failures(processes):
