@@ -258,12 +258,19 @@ def main() -> int:
                   f"{run['seconds']:.2f}s{extra}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if "engine" in runs and "engine_graphs" in runs and "outputs" in runs["engine"]:
-            same = sum(a == b for a, b in zip(runs["engine"]["outputs"],
-                                              runs["engine_graphs"].get("outputs", []),
-                                              strict=False))
-            print(f"  graphs and eager gave identical tokens for {same}/{len(prompts)} requests")
-            runs["identical_outputs"] = same
+        # Every engine variant's tokens against the first one's (eager, else the first run).
+        answered = [name for name, run in runs.items() if "outputs" in run]
+        if len(answered) > 1:
+            reference = "engine" if "engine" in answered else answered[0]
+            expected = runs[reference]["outputs"]
+            runs["identical_outputs"] = {"reference": reference}
+            for name in answered:
+                if name != reference:
+                    same = sum(a == b for a, b in zip(runs[name]["outputs"], expected,
+                                                      strict=True))
+                    runs["identical_outputs"][name] = same
+                    print(f"  {name} and {reference} gave identical tokens for "
+                          f"{same}/{len(prompts)} requests")
         for run in runs.values():
             if isinstance(run, dict):
                 run.pop("outputs", None)
