@@ -10,6 +10,7 @@ import torch
 
 from ray_inference.config import EngineConfig
 from ray_inference.engine import GenerationRequest, causal, create_engine
+from ray_inference.engine.graphs import DecodeGraphs
 from ray_inference.engine.text import TextTracker
 from ray_inference.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, Overloaded
 from ray_inference.models import loader, registry
@@ -336,6 +337,43 @@ def test_slots_of_finished_rows_are_reused_without_changing_answers(model_dir, o
     assert engine.stats.max_batch == 4
     assert engine.load() == {"running": 0, "waiting": 0}
     engine.shutdown()
+
+
+def graph_path(engine) -> DecodeGraphs:
+    """Switch a CPU engine to the GPU's decode path, run eagerly: every slot of the row bucket
+    over columns [0, bucket), inputs copied into fixed tensors, K/V written at a column held in
+    a tensor, one 'graph' per bucket, all dropped when the cache grows."""
+    engine._graphs = DecodeGraphs(engine._forward, engine._dtype, capture=False)
+    return engine._graphs
+
+
+def test_the_graph_path_answers_exactly(model_dir):
+    loaded, engine = load(model_dir, "tiny-llama", max_batch_size=4, overlap_steps=True)
+    graphs = graph_path(engine)
+    engine._eos = set()
+    prompts = [("hello world", 70), ("what is the capital of france ?", 20), ("red", 90),
+               ("the cat is a dog of no", 12), ("a b c", 30)]
+    assert_all_match_generate(loaded, engine, prompts)
+    assert graphs.captures > 0 and graphs.replays > graphs.captures
+
+
+def test_the_graph_path_makes_room_for_a_rows_whole_budget_when_it_joins(model_dir):
+    """A cache that grows drops every captured graph; so a row's columns are reserved when it
+    joins, not one chunk at a time as it decodes, and a second answer like the first
+    replays graphs that already exist."""
+    _, engine = load(model_dir, "tiny-llama", max_batch_size=4, overlap_steps=True)
+    graphs = graph_path(engine)
+    engine._eos = set()
+    tokens = [t for chunk in run(engine, prompt="red", temperature=0, max_tokens=150)
+              for t in chunk.token_ids]
+    assert len(tokens) == 150
+    # Its columns crossed the 64- and 128-column buckets; had the cache grown on the way, the
+    # graphs of those buckets would be gone and captured again now.
+    captures = graphs.captures
+    assert captures >= 3
+    again = run(engine, prompt="red", temperature=0, max_tokens=150)
+    assert [t for chunk in again for t in chunk.token_ids] == tokens
+    assert graphs.captures == captures
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["settled", "overlapped"])

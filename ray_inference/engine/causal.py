@@ -297,6 +297,19 @@ class CausalEngine(Engine):
             row.start = self._column - width + first
             self._rows[slot] = row
         self._running = [r.pending for r in self._live()]
+        if self._graphs is not None:
+            self._reserve_columns(rows)
+
+    def _reserve_columns(self, rows: list[_Row]) -> None:
+        """Graphs are captured against the cache's buffers, and a cache that grows drops every
+        one of them (a recapture per bucket, tens of ms each). So when rows join, the cache
+        makes room for their whole budgets at once, while that stays within
+        `max_tokens_in_flight` over all slots; past that it grows step by step as before."""
+        reach = self._column + max(r.pending.max_new - len(r.generated) for r in rows)
+        columns = min(self._columns_for(reach), self._kv.max_columns)
+        if (columns > self._kv.columns
+                and columns * self._kv.slots <= self.config.max_tokens_in_flight):
+            self._grow(columns=columns)
 
     def _free_slots(self, count: int) -> list[int]:
         """Slots for `count` new rows: the batch's holes first, then new slots at its end

@@ -31,24 +31,28 @@ def bucket(value: int, smallest: int) -> int:
 
 @dataclass
 class _Captured:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None  # None: the step runs eagerly (DecodeGraphs(capture=False))
     ids: torch.Tensor
     positions: torch.Tensor
     mask: torch.Tensor
     write_at: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None = None
+    run: Callable[[], torch.Tensor] | None = None
 
 
 class DecodeGraphs:
     """One captured decode step per (rows, columns) bucket, dropped when the cache regrows."""
 
-    def __init__(self, forward: Callable, dtype: torch.dtype):
+    def __init__(self, forward: Callable, dtype: torch.dtype, capture: bool = True):
         self._forward = forward
         self._dtype = dtype
         self._graphs: dict[tuple[int, int], _Captured] = {}
         self._generation = -1
+        # capture=False runs each bucket's step eagerly, with the same buckets, fixed input
+        # tensors and captures counted: the graph path without a GPU (the engine tests).
+        self._capture = capture
         # One private memory pool for every graph, alive as long as this object.
-        self._pool = torch.cuda.MemPool()
+        self._pool = torch.cuda.MemPool() if capture else None
         self.captures = 0
         self.replays = 0
 
@@ -61,11 +65,14 @@ class DecodeGraphs:
             self._generation = kv.generation
         captured = self._graphs.get((rows, columns))
         if captured is None:
-            captured = self._capture(kv, rows, columns, ids, positions, column)
+            captured = self._capture_step(kv, rows, columns, ids, positions, column)
             self._graphs[(rows, columns)] = captured
         else:
             self._load(captured, kv, rows, columns, ids, positions, column)
-            captured.graph.replay()
+            if captured.graph is None:
+                captured.logits = captured.run()
+            else:
+                captured.graph.replay()
             self.replays += 1
         return captured.logits
 
@@ -75,20 +82,25 @@ class DecodeGraphs:
         captured.write_at.fill_(column)
         kv.attention_mask(rows, 0, columns, self._dtype, out=captured.mask)
 
-    def _capture(self, kv, rows, columns, ids, positions, column) -> _Captured:
+    def _capture_step(self, kv, rows, columns, ids, positions, column) -> _Captured:
         device = kv.device
         captured = _Captured(
-            torch.cuda.CUDAGraph(),
+            torch.cuda.CUDAGraph() if self._capture else None,
             torch.zeros((rows, 1), dtype=torch.long, device=device),
             torch.zeros((rows, 1), dtype=torch.long, device=device),
             torch.zeros((rows, 1, 1, columns), dtype=self._dtype, device=device),
-            torch.zeros(1, dtype=torch.long, device=device), None)
+            torch.zeros(1, dtype=torch.long, device=device))
         self._load(captured, kv, rows, columns, ids, positions, column)
         cache = kv.view(rows, 0, columns, captured.write_at)
 
         def run():
             return self._forward(captured.ids, captured.mask, captured.positions, cache)
 
+        captured.run = run
+        if not self._capture:
+            captured.logits = run()
+            self.captures += 1
+            return captured
         # Warm up on a side stream (allocator and library handles), then capture. Both runs
         # write the same K/V at `column` that the real step writes.
         side = torch.cuda.Stream(device)
