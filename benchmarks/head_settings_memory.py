@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import yaml
 
 from ray_inference.bench.memory import command, process_tree, rss_pss
+from ray_inference.cli.client import probe
 
 PORTS = {"node_manager": 26380, "object_manager": 26381, "runtime_env_agent": 26382,
          "dashboard_agent_grpc": 26383, "dashboard_agent_http": 26384, "metrics_export": 26385,
@@ -49,12 +49,7 @@ def measure(directory: Path, dashboard: bool, monitor: bool, settle_s: float) ->
                                 env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     try:
         deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{GATEWAY}/health/live", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        while not probe(f"http://127.0.0.1:{GATEWAY}/health/live", 2)[0]:
             if time.monotonic() > deadline or head.poll() is not None:
                 raise RuntimeError(f"the head did not start: {(directory / 'head.log').read_text()}")
             time.sleep(1)
