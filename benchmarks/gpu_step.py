@@ -17,7 +17,6 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_engine import build, sync
 from ray_inference.engine import packing
+from ray_inference.engine.causal import cache_keyword
 from ray_inference.engine.graphs import DecodeGraphs
 from ray_inference.engine.kv import SlotKV
 
@@ -64,35 +64,38 @@ def step_runs(loaded, rows: int, columns: int) -> dict:
     tokens = torch.randint(3, config.vocab_size, (rows,), device=device, generator=generator)
     positions = (column - starts[:, 0]).clamp(min=0)
 
-    # transformers 5.x renamed past_key_values to cache (the GPU machine may have either).
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters \
-        else "past_key_values"
+    cache_arg = cache_keyword(model)  # the GPU machine's transformers may be older
 
     def forward(ids, mask, where, cache):
         return model(input_ids=ids, attention_mask=mask, position_ids=where, use_cache=True,
                      logits_to_keep=1, **{cache_arg: cache}).logits[:, -1, :]
 
-    def runner(ours: bool):
+    def attention(ours: bool) -> None:
         (packing.enable if ours else packing.disable)(model)
-        if device.type == "cuda":
-            graphs = DecodeGraphs(forward, dtype)
-            graphs.step(kv, rows, columns, tokens, positions, column)  # captured here
-            return lambda: graphs.step(kv, rows, columns, tokens, positions, column)
 
-        def eager():  # a CPU smoke run: no graphs
-            (packing.enable if ours else packing.disable)(model)
-            mask = kv.attention_mask(rows, 0, columns, dtype)
-            return forward(tokens[:, None], mask, positions[:, None],
-                           kv.view(rows, 0, columns, column))
-        return eager
+    def runner(ours: bool):
+        """The step as the engine's DecodeGraphs runs it: captured on a GPU (with the attention
+        in force now), run eagerly on a CPU (a smoke run)."""
+        attention(ours)
+        graphs = DecodeGraphs(forward, dtype, capture=device.type == "cuda")
+        graphs.step(kv, rows, columns, tokens, positions, column)  # captured here
+        return lambda: graphs.step(kv, rows, columns, tokens, positions, column)
 
     with torch.inference_mode():
-        runs = {"transformers' attention": runner(False), "rayinfer's attention": runner(True)}
-        same = (runs["transformers' attention"]().argmax(-1)
-                == runs["rayinfer's attention"]().argmax(-1)).float().mean().item()
+        # name: (step, whether it runs rayinfer's attention); switched outside the timed calls
+        # (a captured graph keeps its own; an eager step reads the model's).
+        runs = {"transformers' attention": (runner(False), False),
+                "rayinfer's attention": (runner(True), True)}
+        next_tokens = {}
+        for name, (run, ours) in runs.items():
+            attention(ours)
+            next_tokens[name] = run().argmax(-1)
+        same = (next_tokens["transformers' attention"]
+                == next_tokens["rayinfer's attention"]).float().mean().item()
         times = {name: [] for name in runs}
         for _ in range(3):
-            for name, run in runs.items():
+            for name, (run, ours) in runs.items():
+                attention(ours)
                 times[name].append(timed(run, device, 20))
     packing.disable(model)
     return {"ms": {name: statistics.median(t) for name, t in times.items()},

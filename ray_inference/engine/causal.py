@@ -71,8 +71,7 @@ class CausalEngine(Engine):
         self._pad_id = loaded.tokenizer.pad_token_id or 0
         accepted = inspect.signature(self._model.forward).parameters
         self._keep_last_logits = "logits_to_keep" in accepted
-        # transformers 5.x renamed past_key_values to cache; older models keep the old name.
-        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
+        self._cache_arg = cache_keyword(self._model)
         self._rows: list[_Row | None] = []
         self._kv: SlotKV | None = None
         self._column = 0  # the column the next decode step writes, shared by every slot
@@ -302,8 +301,8 @@ class CausalEngine(Engine):
 
     def _reserve_columns(self, rows: list[_Row]) -> None:
         """Graphs are captured against the cache's buffers, and a cache that grows drops every
-        one of them (a recapture per bucket, tens of ms each). So when rows join, the cache
-        makes room for their whole budgets at once, while that stays within
+        one of them (a recapture per bucket the batch goes through again). So when rows join,
+        the cache makes room for their whole budgets at once, while that stays within
         `max_tokens_in_flight` over all slots; past that it grows step by step as before."""
         reach = self._column + max(r.pending.max_new - len(r.generated) for r in rows)
         columns = min(self._columns_for(reach), self._kv.max_columns)
@@ -603,6 +602,12 @@ class CausalEngine(Engine):
         self._launched = None  # only rows that already left can still be in it
         if self._graphs is None:  # CPU memory goes back; a GPU keeps its buffers and graphs
             self._kv = self._positions = self._last = None
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward keyword that takes the KV cache: transformers 5.x renamed past_key_values
+    to cache; older models keep the old name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
