@@ -46,7 +46,7 @@ class RayPorts(_Section):
 class HeadConfig(_Section):
     ray_port: int = Field(6379, ge=1024, le=65535)
     node_ip: str | None = None
-    # Ray's dashboard: seven module processes, about 0.9 GiB more on the head
+    # Ray's dashboard: nine module processes, about 0.9 GiB more on the head
     # (benchmarks/head_settings_memory.py), and unauthenticated code execution for whoever
     # reaches it (CVE-2023-48022). Off unless asked for.
     include_dashboard: bool = False
