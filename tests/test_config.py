@@ -78,3 +78,13 @@ def test_cli_reports_bad_config_in_one_line_without_traceback(tmp_path):
     assert "Traceback" not in done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "worker.num_cpus" in lines[0] and "'lots'" in lines[0]
+
+
+def test_openmp_spin_count_reaches_the_actors_runtime_env_unless_null():
+    from ray_inference.node.deploy import actor_runtime_env
+
+    assert actor_runtime_env(config.from_dict({})) == {
+        "env_vars": {"GOMP_SPINCOUNT": "3000000"}}
+    assert actor_runtime_env(config.from_dict({"engine": {"openmp_spin_count": None}})) is None
+    with pytest.raises(config.ConfigError, match=r"engine\.openmp_spin_count: -1"):
+        config.from_dict({"engine": {"openmp_spin_count": -1}})

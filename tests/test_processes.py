@@ -148,6 +148,20 @@ def test_the_head_runs_without_rays_dashboard_modules_or_autoscaler_monitor(proc
     assert [c for c in commands if "/autoscaler/" in c and "monitor.py" in c] == []
 
 
+def test_inference_actors_start_with_the_configured_openmp_spin_count(processes):
+    """`engine.openmp_spin_count` (default 3,000,000) reaches the model actor's process, where
+    libgomp reads it at start-up; the worker's own processes keep the environment they had."""
+    tree = process_tree(processes["workers"][1].pid)
+    actors = [pid for pid in tree if command(pid).startswith("ray::InferenceActor")]
+    assert actors
+    for pid in tree:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile (Ray starts and stops idle workers)
+            continue
+        assert (b"GOMP_SPINCOUNT=3000000" in environ) == (pid in actors), command(pid)
+
+
 def test_sigterm_drains_a_worker_without_failures(processes):
     victim = processes["workers"][0]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:

@@ -43,24 +43,28 @@ def start_inference_actors(config: Config, node_id: str, num_gpus: int = 0) -> l
     """One actor per GPU on GPU nodes, else `worker.replicas` per model, all pinned here."""
     worker = config.worker
     pin = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+    runtime_env = actor_runtime_env(config)
     handles = []
     for entry in worker.models:
         if num_gpus > 0:
-            for _ in range(num_gpus):
-                threads = max(1, worker.num_cpus // (num_gpus * len(worker.models)))
-                handles.append(InferenceActor.options(
-                    num_cpus=threads, num_gpus=1, scheduling_strategy=pin,
-                ).remote(entry, config.engine.model_dump(), config.logging.model_dump(),
-                         threads, True))
-            continue
-        per_actor = max(1, worker.num_cpus // (worker.replicas * len(worker.models)))
-        threads = config.engine.torch_threads or per_actor
-        for _ in range(worker.replicas):
+            threads = max(1, worker.num_cpus // (num_gpus * len(worker.models)))
+            placements = [(threads, 1)] * num_gpus
+        else:
+            per_actor = max(1, worker.num_cpus // (worker.replicas * len(worker.models)))
+            threads = config.engine.torch_threads or per_actor
+            placements = [(per_actor, 0)] * worker.replicas
+        for cpus, gpus in placements:
             handles.append(InferenceActor.options(
-                num_cpus=per_actor, scheduling_strategy=pin,
+                num_cpus=cpus, num_gpus=gpus, scheduling_strategy=pin, runtime_env=runtime_env,
             ).remote(entry, config.engine.model_dump(), config.logging.model_dump(),
-                     threads, False))
+                     threads, gpus > 0))
     return handles
+
+
+def actor_runtime_env(config: Config) -> dict[str, Any] | None:
+    """What an inference actor's process starts with: the OpenMP spin count (docs/engine.md)."""
+    spin = config.engine.openmp_spin_count
+    return None if spin is None else {"env_vars": {"GOMP_SPINCOUNT": str(spin)}}
 
 
 def wait_ready(handles: list[Any], timeout_s: float = 900) -> list[dict[str, Any]]:
