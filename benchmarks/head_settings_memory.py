@@ -4,30 +4,22 @@ in one run, and the RSS and PSS summed over its processes once it is ready.
 
     .venv/bin/python benchmarks/head_settings_memory.py [--out FILE]
 
-It starts heads on ports 26379-26450 and the gateway on 127.0.0.1:28000 (nothing else may use
-them meanwhile), and stops each one before the next.
+It starts heads with benchmarks/local_stack.py (its ports; nothing else may use them
+meanwhile), and stops each one before the next.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from local_stack import start_head, stop
 
 from ray_inference.bench.memory import command, process_tree, rss_pss
-from ray_inference.cli.client import probe
 
-PORTS = {"node_manager": 26380, "object_manager": 26381, "runtime_env_agent": 26382,
-         "dashboard_agent_grpc": 26383, "dashboard_agent_http": 26384, "metrics_export": 26385,
-         "client_server": 26386, "min_worker_port": 26400, "max_worker_port": 26450}
-GATEWAY = 28000
 VARIANTS = {  # name: (include_dashboard, autoscaler_monitor)
     "default (both off)": (False, False),
     "autoscaler monitor on": (False, True),
@@ -37,22 +29,9 @@ VARIANTS = {  # name: (include_dashboard, autoscaler_monitor)
 
 
 def measure(directory: Path, dashboard: bool, monitor: bool, settle_s: float) -> dict:
-    config = directory / "head.yaml"
-    config.write_text(yaml.safe_dump({"ports": PORTS, "head": {
-        "ray_port": 26379, "node_ip": "127.0.0.1", "gateway_port": GATEWAY,
-        "dashboard_port": 28265, "include_dashboard": dashboard,
-        "autoscaler_monitor": monitor}}))
-    rayinfer = Path(sys.executable).with_name("rayinfer")
-    with open(directory / "head.log", "w") as log:
-        head = subprocess.Popen([str(rayinfer), "head", "--config", str(config)], stdout=log,
-                                stderr=subprocess.STDOUT,
-                                env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    head = start_head(directory, dashboard_port=28265, include_dashboard=dashboard,
+                      autoscaler_monitor=monitor)
     try:
-        deadline = time.monotonic() + 120
-        while not probe(f"http://127.0.0.1:{GATEWAY}/health/live", 2)[0]:
-            if time.monotonic() > deadline or head.poll() is not None:
-                raise RuntimeError(f"the head did not start: {(directory / 'head.log').read_text()}")
-            time.sleep(1)
         time.sleep(settle_s)  # the dashboard's modules come up after the gateway answers
         sample = {pid: m for pid in process_tree(head.pid) if (m := rss_pss(pid))}
         return {"rss_bytes": sum(r for r, _ in sample.values()),
@@ -61,8 +40,7 @@ def measure(directory: Path, dashboard: bool, monitor: bool, settle_s: float) ->
                 "largest": sorted(((r, command(pid)[:60]) for pid, (r, _) in sample.items()),
                                   reverse=True)[:3]}
     finally:
-        head.terminate()
-        head.wait(timeout=120)
+        stop(head)
 
 
 def main() -> None:

@@ -1,0 +1,75 @@
+"""A worker setting through the full stack, side by side: `rayinfer head` plus one `rayinfer
+worker` with every core, restarted for each value of one `engine.` setting in turn (values
+alternate, round after round), each time driven over HTTP by `rayinfer bench`'s load generator
+with the same workload (2 requests per client, 64-128 new tokens, seed 0). Prints tok/s and p50
+time to first token per run, then the medians and their ratio to the first value's.
+
+    .venv/bin/python benchmarks/stack_settings.py openmp_spin_count 3000000 null -c 64 \\
+        --rounds 2 --out benchmarks/results/stack-openmp-spin-count.json
+
+Values are YAML (null, true, 25). Uses the ports of benchmarks/local_stack.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import yaml
+from local_stack import URL, start_head, start_worker, stop
+
+from ray_inference.bench.offline import gateway_run
+from ray_inference.bench.prompts import Workload
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("setting", help="an engine: key, e.g. openmp_spin_count")
+    parser.add_argument("values", nargs="+", help="its values (YAML), the first is the base")
+    parser.add_argument("-c", "--concurrency", type=int, action="append")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    values = [yaml.safe_load(v) for v in args.values]
+    concurrency = args.concurrency or [64]
+    runs = []
+    with tempfile.TemporaryDirectory() as directory:
+        for round_ in range(1, args.rounds + 1):
+            for value in values:
+                head = start_head(Path(directory))
+                try:
+                    worker = start_worker(Path(directory), {args.setting: value,
+                                                            "max_batch_size": max(concurrency)})
+                    try:
+                        for c in concurrency:
+                            row = gateway_run(URL, "smollm2", Workload.make(2 * c, 64, 128, 0),
+                                              c, None)
+                            runs.append({"value": value, "round": round_, **row.to_dict()})
+                            print(f"round {round_}  {args.setting}={value!s:10}  {c:3d} clients  "
+                                  f"{row.tok_s:7.1f} tok/s  TTFT p50 {row.ttft_p50_s:.3f} s "
+                                  f"(steady {row.ttft_steady_p50_s:.3f} s)  errors {row.errors}",
+                                  flush=True)
+                    finally:
+                        stop(worker)
+                finally:
+                    stop(head)
+    print(f"medians over {args.rounds} rounds:")
+    for c in concurrency:
+        base = None
+        for value in values:
+            mine = [r for r in runs if r["value"] == value and r["concurrency"] == c]
+            tok_s = statistics.median(r["tok_s"] for r in mine)
+            steady = statistics.median(r["ttft_steady_p50_s"] for r in mine)
+            base = base or tok_s
+            print(f"  {c:3d} clients  {args.setting}={value!s:10}  {tok_s:7.1f} tok/s "
+                  f"({tok_s / base:.2f}x)  steady TTFT p50 {steady:.3f} s")
+    if args.out:
+        args.out.write_text(json.dumps({"setting": args.setting, "values": values,
+                                        "runs": runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
