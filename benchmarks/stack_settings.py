@@ -1,7 +1,8 @@
 """A worker setting through the full stack, side by side: `rayinfer head` plus one `rayinfer
 worker` with every core, restarted for each value of one `engine.` setting in turn (values
 alternate, round after round), each time driven over HTTP by `rayinfer bench`'s load generator
-with the same workload (2 requests per client, 64-128 new tokens, seed 0). Prints tok/s and p50
+with the workload `rayinfer bench` gives its (d) rows (2 requests per client, 64-128 new
+tokens, seed 0: the same prompts and lengths as benchmarks/run_cpu.sh). Prints tok/s and p50
 time to first token per run, then the medians and their ratio to the first value's.
 
     .venv/bin/python benchmarks/stack_settings.py openmp_spin_count 3000000 null -c 64 \\
@@ -35,6 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     values = [yaml.safe_load(v) for v in args.values]
     concurrency = args.concurrency or [64]
+    # Drawn once for the most clients; fewer clients take its head, as in `rayinfer bench`.
+    work = Workload.make(2 * max(concurrency), 64, 128, 0)
     runs = []
     with tempfile.TemporaryDirectory() as directory:
         for round_ in range(1, args.rounds + 1):
@@ -45,8 +48,7 @@ def main() -> None:
                                                             "max_batch_size": max(concurrency)})
                     try:
                         for c in concurrency:
-                            row = gateway_run(URL, "smollm2", Workload.make(2 * c, 64, 128, 0),
-                                              c, None)
+                            row = gateway_run(URL, "smollm2", work.head(2 * c), c, None)
                             runs.append({"value": value, "round": round_, **row.to_dict()})
                             print(f"round {round_}  {args.setting}={value!s:10}  {c:3d} clients  "
                                   f"{row.tok_s:7.1f} tok/s  TTFT p50 {row.ttft_p50_s:.3f} s "
