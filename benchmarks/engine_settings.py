@@ -30,14 +30,15 @@ SETTINGS = sorted(name for name, field in EngineConfig.model_fields.items()
 @click.option("--seed", type=int, default=0, show_default=True)
 def main(setting: str, concurrency: tuple[int, ...], rounds: int, requests_per_client: int,
          seed: int) -> None:
-    loaded = loader.load(registry.resolve("smollm2"))
+    # A model per value: an engine may change its model for good (prepack_weights does).
+    models = {value: loader.load(registry.resolve("smollm2")) for value in (True, False)}
     work = Workload.make(requests_per_client * max(concurrency), 64, 128, seed)
     for clients in concurrency:
         part = work.head(requests_per_client * clients)
         runs: dict[bool, list] = {True: [], False: []}
         for _ in range(rounds):
             for value in (True, False):
-                row = engine_run(loaded, part, clients, settings={setting: value})
+                row = engine_run(models[value], part, clients, settings={setting: value})
                 runs[value].append(row)
                 click.echo(f"{clients:3d} clients  {setting}={str(value).lower():5s}  "
                            f"{row.tok_s:7.1f} tok/s  steady TTFT p50 "

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 
 import pytest
 import torch
 
 from ray_inference.config import EngineConfig
-from ray_inference.engine import GenerationRequest, causal, create_engine
+from ray_inference.engine import GenerationRequest, causal, create_engine, prepack
 from ray_inference.engine.graphs import DecodeGraphs
 from ray_inference.engine.text import TextTracker
 from ray_inference.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, Overloaded
@@ -88,6 +89,52 @@ def test_batched_greedy_matches_one_at_a_time_generate(model_dir, name, overlap)
     assert_all_match_generate(loaded, engine, [(p, 12) for p in prompts])
     assert engine.stats.max_batch > 1
     engine.shutdown()
+
+
+bf16_cpu = pytest.mark.skipif(not prepack.supported(torch.device("cpu"), torch.bfloat16),
+                              reason="this CPU's oneDNN has no bf16 kernels")
+
+
+@bf16_cpu
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_packed_linear_weights_give_the_models_own_logits(model_dir, name):
+    """Every bf16 nn.Linear swapped for its oneDNN-packed twin: bit-identical logits, the
+    untied weights' own memory given up, and a second pack changes nothing."""
+    loaded = loader.load(registry.resolve(f"{name}={model_dir / name}"), "bfloat16")
+    model = loaded.model
+    twin = copy.deepcopy(model)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ids = loaded.tokenizer("the cat is a dog of no", return_tensors="pt")["input_ids"]
+    assert prepack.pack(model) == len(linears) > 0  # GPT-2: lm_head (its blocks use Conv1D)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert prepack.pack(model) == 0
+    unpacked = sum(p.numel() for p in twin.parameters())
+    untied = sum(m.weight.numel() for m in linears
+                 if m.weight is not model.get_input_embeddings().weight)
+    assert sum(p.numel() for p in model.parameters()) == unpacked - untied
+    assert loaded.describe()["parameters"] == unpacked  # counted at load
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, twin(ids).logits)
+
+
+@bf16_cpu
+def test_a_bf16_cpu_engine_packs_its_weights_and_answers_as_without(model_dir):
+    path = registry.resolve(f"tiny-llama={model_dir / 'tiny-llama'}")
+    answers, packed = {}, {}
+    for setting in (True, False):
+        loaded = loader.load(path, "bfloat16")
+        engine = create_engine(loaded, EngineConfig(prepack_weights=setting))
+        engine._eos = set()
+        packed[setting] = engine.describe()["prepacked_linears"]
+        streams = [engine.submit(GenerationRequest(prompt=p, temperature=0, max_tokens=10))
+                   for p in ("hello world", "red", "the cat is a dog of no")]
+        answers[setting] = [[t for c in s for t in c.token_ids] for s in streams]
+        engine.shutdown()
+    assert packed == {True: 15, False: 0}  # 2 layers x 7 projections + lm_head
+    assert answers[True] == answers[False]
+    _, fp32 = load(model_dir, "tiny-llama")  # float32 weights stay as they are
+    assert fp32.describe()["prepacked_linears"] == 0
+    fp32.shutdown()
 
 
 def test_requests_join_a_running_batch(model_dir):

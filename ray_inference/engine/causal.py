@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ray_inference.engine import packing
+from ray_inference.engine import packing, prepack
 from ray_inference.engine.base import Engine, Pending
 from ray_inference.engine.graphs import MIN_COLUMNS, MIN_ROWS, DecodeGraphs, bucket
 from ray_inference.engine.kv import COLUMN_CHUNK, SlotKV
@@ -88,6 +88,8 @@ class CausalEngine(Engine):
         self._grouped_query = packing.supported(self._model)
         if self._grouped_query:
             packing.enable(self._model)
+        self._prepacked = (prepack.pack(self._model) if config.prepack_weights
+                           and prepack.supported(self._device, self._dtype) else 0)
         # Settled CPU steps go through it as packed steps, with room for arrivals' prompts.
         self._packed_steps = (self._device.type == "cpu" and not self._overlap
                               and self._graphs is None and self._grouped_query)
@@ -127,7 +129,8 @@ class CausalEngine(Engine):
         """What the engine runs on, for logs and benchmarks."""
         info = {"kv_bytes": self._kv.nbytes if self._kv else 0,
                 "cuda_graphs": self._graphs is not None, "grouped_query_steps": self._grouped_query,
-                "packed_steps": self._packed_steps, "pack_arrivals": self._packing}
+                "packed_steps": self._packed_steps, "pack_arrivals": self._packing,
+                "prepacked_linears": self._prepacked}
         if self._graphs is not None:
             info.update(graph_captures=self._graphs.captures, graph_replays=self._graphs.replays)
         return info

@@ -28,15 +28,19 @@ class LoadedModel:
     dtype: torch.dtype
     context_length: int
     load_s: float
+    # Counted at load: an engine may swap layers for ones that hold their weights otherwise.
+    parameters: int = 0
+
+    def __post_init__(self) -> None:
+        self.parameters = self.parameters or sum(p.numel() for p in self.model.parameters())
 
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def describe(self) -> dict[str, Any]:
-        params = sum(p.numel() for p in self.model.parameters())
         return {"model": self.name, "task": self.task, "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."), "parameters": params,
+                "dtype": str(self.dtype).removeprefix("torch."), "parameters": self.parameters,
                 "context_length": self.context_length, "load_s": round(self.load_s, 2)}
 
 
