@@ -13,9 +13,35 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ray_inference.bench.memory import command, process_tree, rss_pss
+
+
+def peak_memory(pid: int, done: Callable[[], bool]) -> dict:
+    """Sample `pid`'s process tree every half second until it ends or `done()`; the peaks."""
+    peak = {"rss_bytes": 0, "pss_bytes": 0}
+    processes: dict[int, dict] = {}  # by pid: a process's title changes while it works
+    while not done() and Path(f"/proc/{pid}").exists():
+        sample = {p: memory for p in process_tree(pid) if (memory := rss_pss(p))}
+        peak["rss_bytes"] = max(peak["rss_bytes"], sum(rss for rss, _ in sample.values()))
+        peak["pss_bytes"] = max(peak["pss_bytes"], sum(pss for _, pss in sample.values()))
+        for p, (rss, _) in sample.items():
+            seen = processes.setdefault(p, {"command": command(p)[:60], "rss_bytes": 0})
+            seen["rss_bytes"] = max(seen["rss_bytes"], rss)
+        time.sleep(0.5)
+    peak["processes"] = sorted(processes.values(), key=lambda p: -p["rss_bytes"])
+    return peak
+
+
+def report(peak: dict, out: Path | None = None) -> None:
+    print(f"head processes, peak sum: RSS {peak['rss_bytes'] / 2**20:.0f} MiB, "
+          f"PSS {peak['pss_bytes'] / 2**20:.0f} MiB")
+    for process in peak["processes"]:
+        print(f"  {process['rss_bytes'] / 2**20:7.0f} MiB  {process['command']}")
+    if out:
+        out.write_text(json.dumps(peak, indent=2))
 
 
 def main() -> None:
@@ -24,24 +50,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--out", type=Path, help="also write the peaks here as JSON")
     args = parser.parse_args()
-    peak = {"rss_bytes": 0, "pss_bytes": 0}
-    processes: dict[int, dict] = {}  # by pid: a process's title changes while it works
     deadline = time.monotonic() + args.seconds
-    while time.monotonic() < deadline and Path(f"/proc/{args.pid}").exists():
-        sample = {pid: memory for pid in process_tree(args.pid) if (memory := rss_pss(pid))}
-        peak["rss_bytes"] = max(peak["rss_bytes"], sum(rss for rss, _ in sample.values()))
-        peak["pss_bytes"] = max(peak["pss_bytes"], sum(pss for _, pss in sample.values()))
-        for pid, (rss, _) in sample.items():
-            seen = processes.setdefault(pid, {"command": command(pid)[:60], "rss_bytes": 0})
-            seen["rss_bytes"] = max(seen["rss_bytes"], rss)
-        time.sleep(0.5)
-    peak["processes"] = sorted(processes.values(), key=lambda p: -p["rss_bytes"])
-    print(f"head processes, peak sum: RSS {peak['rss_bytes'] / 2**20:.0f} MiB, "
-          f"PSS {peak['pss_bytes'] / 2**20:.0f} MiB")
-    for process in peak["processes"]:
-        print(f"  {process['rss_bytes'] / 2**20:7.0f} MiB  {process['command']}")
-    if args.out:
-        args.out.write_text(json.dumps(peak, indent=2))
+    report(peak_memory(args.pid, lambda: time.monotonic() > deadline), args.out)
 
 
 if __name__ == "__main__":
