@@ -30,8 +30,9 @@ SETTINGS = sorted(name for name, field in EngineConfig.model_fields.items()
 @click.option("--seed", type=int, default=0, show_default=True)
 def main(setting: str, concurrency: tuple[int, ...], rounds: int, requests_per_client: int,
          seed: int) -> None:
-    # A model per value: an engine may change its model for good (prepack_weights does).
-    models = {value: loader.load(registry.resolve("smollm2")) for value in (True, False)}
+    # A model per value: an engine changes its model for good (prepack_weights does).
+    loaded = loader.load(registry.resolve("smollm2"))
+    models = {True: loaded, False: loaded.own_copy()}
     work = Workload.make(requests_per_client * max(concurrency), 64, 128, seed)
     for clients in concurrency:
         part = work.head(requests_per_client * clients)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ray_inference.bench.memory import command, process_tree, rss_pss
+from ray_inference.bench.memory import command, tree_memory
 
 
 def peak_memory(pid: int, done: Callable[[], bool]) -> dict:
@@ -24,7 +24,7 @@ def peak_memory(pid: int, done: Callable[[], bool]) -> dict:
     peak = {"rss_bytes": 0, "pss_bytes": 0}
     processes: dict[int, dict] = {}  # by pid: a process's title changes while it works
     while not done() and Path(f"/proc/{pid}").exists():
-        sample = {p: memory for p in process_tree(pid) if (memory := rss_pss(p))}
+        sample = tree_memory(pid)
         peak["rss_bytes"] = max(peak["rss_bytes"], sum(rss for rss, _ in sample.values()))
         peak["pss_bytes"] = max(peak["pss_bytes"], sum(pss for _, pss in sample.values()))
         for p, (rss, _) in sample.items():

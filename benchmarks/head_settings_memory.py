@@ -18,7 +18,7 @@ from pathlib import Path
 
 from local_stack import start_head, stop
 
-from ray_inference.bench.memory import command, process_tree, rss_pss
+from ray_inference.bench.memory import command, tree_memory
 
 VARIANTS = {  # name: (include_dashboard, autoscaler_monitor)
     "default (both off)": (False, False),
@@ -33,7 +33,7 @@ def measure(directory: Path, dashboard: bool, monitor: bool, settle_s: float) ->
                       autoscaler_monitor=monitor)
     try:
         time.sleep(settle_s)  # the dashboard's modules come up after the gateway answers
-        sample = {pid: m for pid in process_tree(head.pid) if (m := rss_pss(pid))}
+        sample = tree_memory(head.pid)
         return {"rss_bytes": sum(r for r, _ in sample.values()),
                 "pss_bytes": sum(p for _, p in sample.values()),
                 "processes": len(sample),

@@ -118,6 +118,21 @@ def test_packed_linear_weights_give_the_models_own_logits(model_dir, name):
 
 
 @bf16_cpu
+def test_linear_layers_with_a_bias_pack_too():
+    """Llama's projections have no bias, others' (Qwen's q/k/v) do: the packed layer adds it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(),
+                                torch.nn.Linear(96, 32)).to(torch.bfloat16)
+    twin = copy.deepcopy(model)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    assert prepack.pack(model) == 2
+    assert all(isinstance(model[i], prepack.PackedLinear) and model[i].bias is not None
+               for i in (0, 2))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), twin(x))
+
+
+@bf16_cpu
 def test_a_bf16_cpu_engine_packs_its_weights_and_answers_as_without(model_dir):
     path = registry.resolve(f"tiny-llama={model_dir / 'tiny-llama'}")
     answers, packed = {}, {}

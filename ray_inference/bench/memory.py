@@ -48,3 +48,8 @@ def rss_pss(pid: int) -> tuple[int, int] | None:
     fields = {key: int(value.split()[0]) * 1024 for key, value in
               (line.split(":", 1) for line in lines)}
     return fields.get("Rss", 0), fields.get("Pss", 0)
+
+
+def tree_memory(root: int) -> dict[int, tuple[int, int]]:
+    """(RSS, PSS) of `root` and every process below it that is still there, by pid."""
+    return {pid: memory for pid in process_tree(root) if (memory := rss_pss(pid))}

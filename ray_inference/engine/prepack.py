@@ -4,8 +4,8 @@ In bf16 on a CPU, `F.linear` hands oneDNN a weight in PyTorch's row-major layout
 copies it into its own blocked layout before every matrix product: every layer, every forward
 pass. `pack` does that copy once (oneDNN's `_reorder_linear_weight`, as torch.compile's weight
 freezing does) and swaps each `nn.Linear` for a `PackedLinear` that multiplies by the packed
-weight with the same kernel. SmolLM2 on the 2-core Xeon (docs/benchmarks.md): the same logits,
-about 10 ms less per forward pass, one row or 64.
+weight with the same kernel. SmolLM2 on the 2-core Xeon (docs/benchmarks.md): the same logits
+(its layers have no bias), about 10 ms less per forward pass, one row or 64.
 
 The packed weight replaces the layer's own (a tied output layer keeps its embedding's), so
 the model's memory stays about the same.
@@ -23,18 +23,18 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-# The row count oneDNN's packed layout is chosen for; any count works (64 measured best for
-# 1-400 rows on the Xeon).
+# The row count oneDNN's packed layout is chosen for; any count works. On the Xeon 64 and 512
+# ran 1-400 rows alike, and 1 made 64 rows 1.7x slower.
 BATCH_HINT = 64
 
 
 class PackedLinear(torch.nn.Module):
     """`nn.Linear` whose weight is kept in oneDNN's blocked layout (inference only)."""
 
-    def __init__(self, linear: torch.nn.Linear, batch_hint: int = BATCH_HINT):
+    def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), BATCH_HINT)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,8 +76,10 @@ def _return_freed_memory() -> None:
 
 
 def _agrees(linear: torch.nn.Linear) -> bool:
-    """Whether a packed copy of `linear` computes what it does (it should, bit for bit: the
-    same oneDNN kernel runs); a oneDNN build that disagrees leaves the model as it is."""
+    """Whether a packed copy of `linear` computes what it does: bit for bit without a bias
+    (the same oneDNN kernel runs), within bf16 rounding with one (one try with random
+    weights and a bias: 0.125 apart at most). A oneDNN build that disagrees leaves the model
+    as it is."""
     x = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0),
                     dtype=linear.weight.dtype)
     with torch.inference_mode():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -33,6 +35,11 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         self.parameters = self.parameters or sum(p.numel() for p in self.model.parameters())
+
+    def own_copy(self) -> LoadedModel:
+        """The same model (dtype and tokenizer too) with weights of its own: an engine changes
+        the model it is given (its attention, packed weights)."""
+        return dataclasses.replace(self, model=copy.deepcopy(self.model))
 
     @property
     def has_chat_template(self) -> bool:
