@@ -115,7 +115,7 @@ class EngineConfig(_Section):
     # prompt) and prefill only what follows it.
     prefix_cache: bool = True
     # CPU workers in bf16: reorder each linear layer's weight once, at load, into oneDNN's
-    # blocked layout, instead of before every matrix product (the same results, faster passes).
+    # blocked layout, instead of within every matrix product (the same results, faster passes).
     prepack_weights: bool = True
     # Stream messages per second one actor sends over all its requests: under load each
     # request's tokens go out together every (running requests / this) seconds. 0: no limit.

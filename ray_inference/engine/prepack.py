@@ -1,11 +1,11 @@
 """Linear layers' weights reordered once, at load, for oneDNN's bf16 kernels on CPUs.
 
-In bf16 on a CPU, `F.linear` hands oneDNN a weight in PyTorch's row-major layout, and oneDNN
-copies it into its own blocked layout before every matrix product: every layer, every forward
-pass. `pack` does that copy once (oneDNN's `_reorder_linear_weight`, as torch.compile's weight
-freezing does) and swaps each `nn.Linear` for a `PackedLinear` that multiplies by the packed
-weight with the same kernel. SmolLM2 on the 2-core Xeon (docs/benchmarks.md): the same logits
-(its layers have no bias), about 10 ms less per forward pass, one row or 64.
+In bf16 on a CPU, `F.linear` hands oneDNN's matmul a weight in PyTorch's row-major layout, and
+its AMX kernel works on a blocked layout, so every product rearranges the weight: every layer,
+every forward pass. `pack` reorders each weight once (oneDNN's `_reorder_linear_weight`) and
+swaps each `nn.Linear` for a `PackedLinear` that runs oneDNN's inner product on the blocked
+weight (the same AMX implementation). SmolLM2 on the 2-core Xeon (docs/benchmarks.md): the
+same logits (its layers have no bias), about 10 ms less per forward pass, one row or 64.
 
 The packed weight replaces the layer's own (a tied output layer keeps its embedding's), so
 the model's memory stays about the same.
@@ -77,7 +77,7 @@ def _return_freed_memory() -> None:
 
 def _agrees(linear: torch.nn.Linear) -> bool:
     """Whether a packed copy of `linear` computes what it does: bit for bit without a bias
-    (the same oneDNN kernel runs), within bf16 rounding with one (one try with random
+    (the same AMX implementation runs), within bf16 rounding with one (one try with random
     weights and a bias: 0.125 apart at most). A oneDNN build that disagrees leaves the model
     as it is."""
     x = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0),
