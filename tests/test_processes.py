@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from ray_inference.bench.memory import command, maps_library, process_tree
+from ray_inference.node.ray_process import running
 
 pytestmark = pytest.mark.cluster
 RAYINFER = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "rayinfer")
@@ -176,3 +177,19 @@ def test_sigterm_drains_a_worker_without_failures(processes):
     health = httpx.get(f"{processes['url']}/health").json()
     assert health["ready"] == 1
     assert ask(processes["url"]).status_code == 200
+
+
+def test_a_head_and_worker_stopped_together_leave_no_process_behind(processes):
+    """Last in this module: it stops the rest of the cluster. The worker's Ray agents used to
+    outlive everything else by about a minute when its head went away at the same moment."""
+    nodes = [processes["workers"][1], processes["head"]]
+    tree = {pid for node in nodes for pid in process_tree(node.pid)}
+    assert len(tree) > 8  # rayinfer, ray start, the GCS, raylets, agents, actors
+    for node in nodes:
+        node.send_signal(signal.SIGTERM)
+    for node in nodes:
+        node.wait(120)
+    deadline = time.monotonic() + 15
+    while (left := [pid for pid in tree if running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [command(pid) for pid in left]

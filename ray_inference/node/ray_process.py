@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 from ray_inference import HEAD_RESOURCE
 from ray_inference.config import Config
@@ -113,13 +115,57 @@ class RayNode:
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def stop(self, timeout_s: float = 30) -> None:
-        if self._process is None or self._process.poll() is not None:
+    def stop(self, timeout_s: float = 30, stragglers_s: float = 5) -> None:
+        """SIGTERM `ray start`, then end its whole session: the raylet's agents can outlive
+        it (for about a minute when the head went away at the same moment), so whatever is
+        left `stragglers_s` after it exits, or `timeout_s` if it does not, is killed."""
+        if self._process is None:
             return
-        self._process.send_signal(signal.SIGTERM)
-        try:
-            self._process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            # Its own session: take down every process `ray start` left behind.
-            os.killpg(self._process.pid, signal.SIGKILL)
-            self._process.wait()
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                stragglers_s = 0
+        end_process_group(self._process.pid, stragglers_s)
+        self._process.wait()
+
+
+def end_process_group(group: int, grace_s: float) -> None:
+    """Wait up to `grace_s` for every process of `group` to exit, then SIGKILL the rest."""
+    _wait_for_group(group, grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    _wait_for_group(group, 5.0)  # a process dies of SIGKILL when it next runs, not at once
+
+
+def _wait_for_group(group: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(group) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _group_alive(group: int) -> bool:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields and int(fields[2]) == group and fields[0] != "Z":
+                return True
+    return False
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie nobody reaps, as under a container's PID 1 that is
+    not an init, has ended all the same)."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command: state, parent, process group, ..."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            text = stat.read()
+    except OSError:  # gone
+        return None
+    return text[text.rindex(")") + 2:].split()
