@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from ray_inference.bench.memory import command, maps_library, process_tree
+from ray_inference.bench.memory import command, maps_library, process_tree, rss_pss
 from ray_inference.node.ray_process import running
 
 pytestmark = pytest.mark.cluster
@@ -126,6 +126,20 @@ def test_cli_ask_is_answered_by_a_worker_process(processes):
     head = next(n for n in view["nodes"] if n["role"] == "head")
     assert head["actors"] == 0 and head["resources"].get("CPU", 0) == 0
     assert {a["ip"] for a in view["actors"]} == {"127.0.0.2", "127.0.0.3"}
+
+
+def test_the_cluster_view_shows_each_actors_current_rss(processes):
+    """`rayinfer status` and `rayinfer actors` print it: each worker renews its actors'
+    registration (every second here) with their RSS as of then."""
+    for _ in range(2):
+        assert ask(processes["url"]).status_code == 200
+    time.sleep(2)  # a renewal after the answers
+    actors = httpx.get(f"{processes['url']}/v1/cluster").json()["actors"]
+    assert len(actors) == 2
+    for actor in actors:
+        now = rss_pss(actor["pid"])[0]  # the actor's process is on this machine
+        assert actor["rss_bytes"] > 100 * 2**20  # torch and a model
+        assert abs(actor["rss_bytes"] - now) < 0.1 * now
 
 
 def test_the_heads_processes_never_load_torch(processes):

@@ -42,7 +42,7 @@ class ActorEntry:
 
     def public(self) -> dict[str, Any]:
         keep = ("task", "device", "dtype", "hostname", "ip", "node_id", "context_length",
-                "parameters", "pid")
+                "parameters", "pid", "rss_bytes")
         return {"actor_id": self.actor_id, "model": self.model, "node_label": self.node_label,
                 "state": self.state, "load": self.outstanding, "served": self.served,
                 **{k: self.info.get(k) for k in keep}}

@@ -64,9 +64,23 @@ class WorkerAgent:
         """Renew the registration until stopped; re-finds a coordinator that was re-created."""
         while not self._stop.wait(self.config.worker.register_interval_s):
             try:
+                self.refresh_infos()
                 self.register(wait=False)
             except Exception as exc:  # the head may be restarting: try again next round
                 logs.event(log, "registration renewal failed", error=str(exc).splitlines()[0])
+
+    def refresh_infos(self, timeout_s: float = 5.0) -> None:
+        """The actors' descriptions as of now, so that the coordinator shows their current RSS;
+        one that does not answer in time keeps its last (the coordinator's pings judge it)."""
+        refs = [h.describe.remote() for h in self.handles]
+        answered = set(ray.wait(refs, num_returns=len(refs), timeout=timeout_s)[0])
+        infos = []
+        for ref, last in zip(refs, self.infos, strict=True):
+            try:
+                infos.append(ray.get(ref) if ref in answered else last)
+            except ray.exceptions.RayError:
+                infos.append(last)
+        self.infos = infos
 
     def in_flight(self) -> int:
         loads = ray.get([h.describe.remote() for h in self.handles], timeout=30)
