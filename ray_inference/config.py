@@ -80,6 +80,7 @@ class WorkerConfig(_Section):
     models: list[str] = Field(default_factory=lambda: ["smollm2"], min_length=1)
     register_interval_s: float = Field(10.0, gt=0, le=3600)
     drain_timeout_s: float = Field(120.0, gt=0, le=86_400)
+    head_wait_s: float = Field(120.0, gt=0, le=86_400)
 
     @field_validator("num_gpus")
     @classmethod

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
-from ray_inference import HEAD_RESOURCE
-from ray_inference.config import Config
+from ray_inference import HEAD_RESOURCE, logs
+from ray_inference.config import Config, ConfigError
 from ray_inference.errors import RayInferError
 
 # Token auth needs a token on every node; rayinfer keeps Ray's ports inside the cluster's own
 # network instead (firewall / private bridge). Set RAY_AUTH_MODE=token yourself to add it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+log = logging.getLogger("ray_inference.node")
 
 
 def _ray_binary() -> str:
@@ -71,6 +74,39 @@ def worker_command(config: Config, head_address: str, num_gpus: int) -> list[str
     if worker.node_ip:
         args.append(f"--node-ip-address={worker.node_ip}")
     return args + _port_args(config)
+
+
+def wait_for_head(address: str, timeout_s: float) -> None:
+    """Wait until the head's Ray (GCS) port takes a TCP connection: `ray start` itself would
+    wait about two minutes, silently, and then name an internal RPC. Logs every 10 s."""
+    host, port = split_address(address)
+    deadline = time.monotonic() + timeout_s
+    next_log = 0.0
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=3):
+                return
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+        now = time.monotonic()
+        if now >= deadline:
+            raise RayInferError(
+                f"the head's Ray port {host}:{port} did not answer within {timeout_s:g} s "
+                f"({reason}): start `rayinfer head` there first, or check the address and that "
+                f"this host may reach that port")
+        if now >= next_log:
+            logs.event(log, "waiting for the head", address=f"{host}:{port}", reason=reason)
+            next_log = now + 10
+        time.sleep(min(1.0, deadline - now))
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"the head address must be HOST:PORT, got {address!r}")
+    return host, int(port)
 
 
 class RayNode:

@@ -19,6 +19,7 @@ import ray
 from ray_inference import logs
 from ray_inference.config import Config, ConfigError, load
 from ray_inference.errors import RayInferError
+from ray_inference.models import registry
 from ray_inference.node import deploy, ray_process
 from ray_inference.node.banner import show
 
@@ -111,6 +112,9 @@ def run_worker(config_path: str | None = None, head_address: str | None = None) 
     if not head:
         raise ConfigError("no head address: pass --head HOST:PORT or set worker.head_address "
                           "(RAY_HEAD_ADDRESS)")
+    for entry in config.worker.models:  # a missing model fails now, not after Ray starts
+        registry.resolve(entry)
+    ray_process.wait_for_head(head, config.worker.head_wait_s)
     num_gpus = deploy.detect_gpus(config.worker.num_gpus)
     node = ray_process.RayNode(ray_process.worker_command(config, head, num_gpus))
     node.start()
