@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import pexpect
 import pytest
+
+from tests.conftest import free_port
 
 RAYINFER = str(Path(sys.executable).parent / "rayinfer")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -195,12 +196,6 @@ def env(tmp_path):
     clean["HOME"] = str(tmp_path / "home")
     clean["NO_COLOR"] = "1"
     return clean
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(*args: str, env: dict, input: str | None = None, timeout: float = 30):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,15 +19,10 @@ import yaml
 
 from ray_inference.bench.memory import command, maps_library, process_tree, rss_pss
 from ray_inference.node.ray_process import running
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.cluster
 RAYINFER = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "rayinfer")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_block() -> dict[str, int]:

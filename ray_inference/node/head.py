@@ -32,6 +32,7 @@ def serve_gateway(config: Config) -> None:
 def run_head(config_path: str | None = None) -> None:
     config = load(config_path)
     logs.setup(config.logging.level, config.logging.format)
+    ray_process.check_ports_free(ray_process.ports_to_bind(config, head=True))
     node = ray_process.RayNode(ray_process.head_command(config))
     node.start()
     try:

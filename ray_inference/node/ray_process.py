@@ -76,6 +76,38 @@ def worker_command(config: Config, head_address: str, num_gpus: int) -> list[str
     return args + _port_args(config)
 
 
+# Ray's ports a node binds for itself; worker processes take the min-max range as they start.
+_OWN_PORTS = ("node_manager", "object_manager", "runtime_env_agent", "dashboard_agent_grpc",
+              "dashboard_agent_http", "metrics_export")
+
+
+def ports_to_bind(config: Config, head: bool) -> dict[str, tuple[str, int]]:
+    """{setting: (host, port)} of the fixed ports this node is about to bind."""
+    names = (*_OWN_PORTS, "client_server") if head else _OWN_PORTS
+    ports = {f"ports.{name}": ("", getattr(config.ports, name)) for name in names}
+    if head:
+        ports["head.ray_port"] = ("", config.head.ray_port)
+        ports["head.gateway_port"] = (config.head.gateway_host, config.head.gateway_port)
+        if config.head.include_dashboard:
+            ports["head.dashboard_port"] = (config.head.dashboard_host,
+                                            config.head.dashboard_port)
+    return {key: (host, port) for key, (host, port) in ports.items() if port}
+
+
+def check_ports_free(ports: dict[str, tuple[str, int]]) -> None:
+    """Fail at once, naming the setting, when a port is taken: `ray start` fails some 40 s later
+    with a gRPC check's message, and the gateway only after the banner said the head is ready."""
+    for key, (host, port) in ports.items():
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Ray's gRPC does
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise RayInferError(
+                    f"port {port} ({key}) cannot be used on this machine ({exc.strerror}): stop "
+                    f"what listens there, or set {key} to another port") from None
+
+
 def wait_for_head(address: str, timeout_s: float) -> None:
     """Wait until the head's Ray (GCS) port takes a TCP connection: `ray start` itself would
     wait about two minutes, silently, and then name an internal RPC. Logs every 10 s."""

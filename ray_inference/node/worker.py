@@ -114,6 +114,7 @@ def run_worker(config_path: str | None = None, head_address: str | None = None) 
                           "(RAY_HEAD_ADDRESS)")
     for entry in config.worker.models:  # a missing model fails now, not after Ray starts
         registry.resolve(entry)
+    ray_process.check_ports_free(ray_process.ports_to_bind(config, head=False))
     ray_process.wait_for_head(head, config.worker.head_wait_s)
     num_gpus = deploy.detect_gpus(config.worker.num_gpus)
     node = ray_process.RayNode(ray_process.worker_command(config, head, num_gpus))
