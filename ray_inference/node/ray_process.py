@@ -1,4 +1,7 @@
-"""Start this machine's Ray node with `ray start`, every port pinned from the config."""
+"""Start this machine's Ray node with `ray start`, every port pinned from the config.
+
+Before it starts: the ports the node binds must be free and, on a worker, the head's Ray port
+must answer. When it stops: nothing of `ray start`'s process group may outlive it."""
 
 from __future__ import annotations
 
