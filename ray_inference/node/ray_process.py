@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 
+import psutil
+
 from ray_inference import HEAD_RESOURCE, logs
 from ray_inference.config import Config, ConfigError
 from ray_inference.errors import RayInferError
@@ -98,11 +100,13 @@ def ports_to_bind(config: Config, head: bool) -> dict[str, tuple[str, int]]:
 
 
 def check_ports_free(ports: dict[str, tuple[str, int]]) -> None:
-    """Fail at once, naming the setting, when a port is taken: `ray start` fails some 40 s later
-    with a gRPC check's message, and the gateway only after the banner said the head is ready."""
+    """Fail at once, naming the setting, when a port is taken: with the GCS port taken `ray
+    start` failed 41 s later, its last line a fragment pointing at gcs_server.out, and with the
+    gateway's port taken the head printed its READY banner before uvicorn failed."""
     for key, (host, port) in ports.items():
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Ray's gRPC does
+            # A port whose last connection lingers in TIME_WAIT counts as free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError as exc:
@@ -217,10 +221,9 @@ def _wait_for_group(group: int, timeout_s: float) -> None:
 
 
 def _group_alive(group: int) -> bool:
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            fields = _stat(int(entry.name))
-            if fields and int(fields[2]) == group and fields[0] != "Z":
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):  # gone meanwhile
+            if os.getpgid(process.pid) == group and running(process.pid):
                 return True
     return False
 
@@ -228,15 +231,7 @@ def _group_alive(group: int) -> bool:
 def running(pid: int) -> bool:
     """Alive and not a zombie (a zombie nobody reaps, as under a container's PID 1 that is
     not an init, has ended all the same)."""
-    fields = _stat(pid)
-    return bool(fields) and fields[0] != "Z"
-
-
-def _stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat's fields after the command: state, parent, process group, ..."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            text = stat.read()
-    except OSError:  # gone
-        return None
-    return text[text.rindex(")") + 2:].split()
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
