@@ -13,6 +13,7 @@ from ray_inference.config import EngineConfig
 from ray_inference.engine import GenerationRequest, causal, create_engine, prepack
 from ray_inference.engine.graphs import DecodeGraphs
 from ray_inference.engine.text import TextTracker
+from ray_inference.engine.types import Chunk
 from ray_inference.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, Overloaded
 from ray_inference.models import loader, registry
 
@@ -489,6 +490,36 @@ def test_a_burst_is_prefilled_over_several_steps_within_the_budget(model_dir):
     # on its own before the others joined.
     assert engine.stats.batch_sizes[1] >= 1 and engine.stats.max_batch == 4
     engine.shutdown()
+
+
+def test_a_held_chunk_goes_out_with_the_next_hand_over_not_on_a_timer():
+    """After a chunk is sent, what arrives within the pause is held until a hand-over comes
+    after the pause (the engine hands over once per step), so messages leave as steps end."""
+    from ray_inference.engine.base import RequestStream
+
+    async def main() -> list[tuple[float, list[int]]]:
+        loop = asyncio.get_running_loop()
+        stream = RequestStream("r", loop)
+        sent = []
+
+        async def read():
+            async for chunk in stream.paced(lambda: 0.05):
+                sent.append((loop.time(), chunk.token_ids))
+
+        reader = asyncio.create_task(read())
+        start = loop.time()
+        for at, chunk in ((0.0, Chunk("r", token_ids=[1])), (0.01, Chunk("r", token_ids=[2])),
+                          (0.3, Chunk("r", token_ids=[3])),
+                          (0.31, Chunk("r", token_ids=[4], finish_reason="length"))):
+            await asyncio.sleep(max(0.0, start + at - loop.time()))
+            stream.push(chunk)
+        await reader
+        return [(round(t - start, 2), ids) for t, ids in sent]
+
+    sent = asyncio.run(main())
+    # Token 2 waits past the pause (0.05 s) for the hand-over of token 3, then both go out.
+    assert [ids for _, ids in sent] == [[1], [2, 3], [4]], sent
+    assert sent[1][0] >= 0.3, sent
 
 
 def test_paced_streams_send_fewer_chunks_and_lose_nothing(model_dir):
