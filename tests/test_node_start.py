@@ -3,6 +3,7 @@ real processes, real TCP ports on 127.0.0.1 (one nothing listens on, ones the te
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -58,6 +59,27 @@ def test_a_worker_whose_head_does_not_answer_exits_with_one_clear_line(tmp_path)
                       "address and that this host may reach that port"]
     assert "Traceback" not in done.stderr
     assert "waiting for the head" in done.stderr  # it said what it was doing meanwhile
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_worker_stopped_while_waiting_for_its_head_exits_cleanly(tmp_path, stop):
+    """A stop signal while a node starts ends the start at once with one line and exit 0 (it
+    used to kill the process outright on SIGTERM, and print a traceback on Ctrl-C)."""
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump({"worker": {"head_wait_s": 60}, "ports": dict.fromkeys(
+        RayPorts.model_fields, 0)}))
+    worker = subprocess.Popen([RAYINFER, "worker", "--config", str(config), "--head",
+                               f"127.0.0.1:{free_port()}"], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = (worker.stderr.readline() for _ in range(20))
+        assert any("waiting for the head" in line for line in lines)
+        worker.send_signal(stop)
+        assert worker.wait(15) == 0
+    finally:
+        worker.kill()
+    output = worker.stderr.read()
+    assert f"stopped by {stop.name} while starting; nothing is left running" in output
+    assert "Traceback" not in output
 
 
 def test_a_worker_with_a_missing_model_fails_before_starting_ray(tmp_path):

@@ -87,7 +87,7 @@ def processes(tmp_path_factory, tiny_llama):
             # One at a time: two raylets starting together can pick the same free port.
             wait_until(lambda i=i: httpx.get(f"{url}/health").json().get("ready") == i, 240,
                        f"worker {i} to register")
-        yield {"url": url, "head": head, "workers": workers}
+        yield {"url": url, "head": head, "workers": workers, "ray": f"127.0.0.1:{gcs}"}
     except AssertionError:
         for proc in started:
             print(f"--- {proc.log_path.name} (exit {proc.poll()})")
@@ -169,6 +169,35 @@ def test_inference_actors_start_with_the_configured_openmp_spin_count(processes)
         except OSError:  # gone meanwhile (Ray starts and stops idle workers)
             continue
         assert (b"GOMP_SPINCOUNT=3000000" in environ) == (pid in actors), command(pid)
+
+
+def test_a_worker_waiting_for_a_coordinator_stops_on_sigterm(processes, tmp_path, tiny_llama):
+    """A worker whose coordinator never appears (here: another namespace than the head's)
+    waits for it, logging; a SIGTERM meanwhile used to be ignored for good. Now it ends the
+    start, and the worker's Ray node and actor with it."""
+    config = write_config(tmp_path / "worker.yaml", {
+        "namespace": "not-the-heads", "ports": port_block(),
+        "worker": {"node_ip": "127.0.0.4", "num_cpus": 1, "models": [tiny_llama]}})
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "w") as log:
+        worker = subprocess.Popen([RAYINFER, "worker", "--config", config, "--head",
+                                   processes["ray"]], stdout=log,
+                                  stderr=subprocess.STDOUT,
+                                  env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        wait_until(lambda: "waiting for the coordinator" in log_path.read_text(), 180,
+                   "the worker to wait for a coordinator")
+        tree = process_tree(worker.pid)
+        assert len(tree) > 4  # rayinfer, ray start, its raylet and agents, the actor
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0, log_path.read_text()[-2000:]
+    finally:
+        worker.kill()
+    assert "stopped by SIGTERM while starting" in log_path.read_text()
+    deadline = time.monotonic() + 15
+    while (left := [pid for pid in tree if running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [command(pid) for pid in left]
 
 
 def test_sigterm_drains_a_worker_without_failures(processes):

@@ -398,11 +398,14 @@ config_path_option = click.option(
 def _run_node(start: Callable[[], None]) -> None:
     from ray_inference.config import ConfigError
     from ray_inference.errors import RayInferError
+    from ray_inference.node.stop_signals import StartInterrupted
 
     try:
         start()
     except (ConfigError, RayInferError) as exc:
         raise CliError(str(exc), SERVER_ERROR) from None
+    except StartInterrupted as exc:  # asked to stop: what was started is stopped, exit 0
+        click.echo(f"{exc}; nothing is left running", err=True)
 
 
 @cli.command()

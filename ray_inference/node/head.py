@@ -14,6 +14,7 @@ from ray_inference import logs
 from ray_inference.config import Config, load
 from ray_inference.node import ray_process
 from ray_inference.node.banner import show
+from ray_inference.node.stop_signals import StopSignals
 
 
 def serve_gateway(config: Config) -> None:
@@ -33,6 +34,8 @@ def run_head(config_path: str | None = None) -> None:
     config = load(config_path)
     logs.setup(config.logging.level, config.logging.format)
     ray_process.check_ports_free(ray_process.ports_to_bind(config, head=True))
+    signals = StopSignals()
+    signals.install()
     node = ray_process.RayNode(ray_process.head_command(config))
     node.start()
     try:
@@ -43,6 +46,7 @@ def run_head(config_path: str | None = None) -> None:
         ray.init(address=f"{config.head.node_ip or '127.0.0.1'}:{config.head.ray_port}",
                  namespace=config.namespace, log_to_driver=False, logging_level="WARNING",
                  _node_ip_address=config.head.node_ip)
+        signals.install()  # again: ray.init installed its own SIGTERM handler
         coordinator = deploy.start_coordinator(config)
         ray.get(coordinator.health.remote(), timeout=60)
         head_ip = ray.util.get_node_ip_address()
@@ -58,6 +62,9 @@ def run_head(config_path: str | None = None) -> None:
             "rss": f"{logs.rss_bytes() // 2**20} MB (pid {os.getpid()})",
             "next": f"rayinfer worker --head {head_ip}:{config.head.ray_port}",
         })
+        # uvicorn handles the signals while it serves, and sends the one that stopped it on
+        # to these handlers afterwards: by then it only marks the head as stopping.
+        signals.running = True
         serve_gateway(config)
     finally:
         node.stop()

@@ -8,7 +8,6 @@ then the actors are deregistered and stopped.
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import threading
 import time
@@ -22,6 +21,7 @@ from ray_inference.errors import RayInferError
 from ray_inference.models import registry
 from ray_inference.node import deploy, ray_process
 from ray_inference.node.banner import show
+from ray_inference.node.stop_signals import StopSignals
 
 log = logging.getLogger("ray_inference.worker")
 
@@ -114,6 +114,8 @@ def run_worker(config_path: str | None = None, head_address: str | None = None) 
                           "(RAY_HEAD_ADDRESS)")
     for entry in config.worker.models:  # a missing model fails now, not after Ray starts
         registry.resolve(entry)
+    signals = StopSignals()
+    signals.install()
     ray_process.check_ports_free(ray_process.ports_to_bind(config, head=False))
     ray_process.wait_for_head(head, config.worker.head_wait_s)
     num_gpus = deploy.detect_gpus(config.worker.num_gpus)
@@ -122,11 +124,10 @@ def run_worker(config_path: str | None = None, head_address: str | None = None) 
     try:
         ray.init(address=head, namespace=config.namespace, log_to_driver=True,
                  logging_level="WARNING", _node_ip_address=config.worker.node_ip)
+        signals.install()  # again: ray.init installed its own SIGTERM handler
         agent = WorkerAgent(config, ray.get_runtime_context().get_node_id(), num_gpus)
-        stopping = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-        signal.signal(signal.SIGINT, lambda *_: stopping.set())
         agent.start()
+        signals.running = True
         show("WORKER NODE READY", {
             "joined": head,
             "node": f"{agent.labels.get(agent.actor_ids[0], '?')} ({socket.gethostname()}, "
@@ -138,7 +139,7 @@ def run_worker(config_path: str | None = None, head_address: str | None = None) 
         })
         renewer = threading.Thread(target=agent.keep_registered, daemon=True)
         renewer.start()
-        while not stopping.wait(1.0):
+        while not signals.stopping.wait(1.0):
             if not node.alive():
                 raise RayInferError("this worker's Ray node stopped (lost the head?); "
                                     "exiting so the restart policy starts a fresh one")
