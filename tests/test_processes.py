@@ -110,6 +110,13 @@ def ask(url: str, max_tokens: int = 8) -> httpx.Response:
         "max_tokens": max_tokens, "temperature": 0})
 
 
+def test_the_heads_banner_gives_the_address_workers_join(processes):
+    """The head advertises 127.0.0.1 (`head.node_ip`); its banner printed this machine's
+    default address instead, which a worker could not have joined."""
+    banner = processes["head"].log_path.read_text()
+    assert f"rayinfer worker --head {processes['ray']}" in banner
+
+
 def test_cli_ask_is_answered_by_a_worker_process(processes):
     done = subprocess.run([RAYINFER, "--url", processes["url"], "ask", "-m", "tiny-llama",
                            "--max-tokens", "6", "hello world"], capture_output=True, text=True,

@@ -49,7 +49,7 @@ def run_head(config_path: str | None = None) -> None:
         signals.install()  # again: ray.init installed its own SIGTERM handler
         coordinator = deploy.start_coordinator(config)
         ray.get(coordinator.health.remote(), timeout=60)
-        head_ip = ray.util.get_node_ip_address()
+        head_ip = config.head.node_ip or ray.util.get_node_ip_address()
         dashboard = (f"http://{config.head.dashboard_host}:{config.head.dashboard_port}"
                      if config.head.include_dashboard else "off")
         show("HEAD NODE READY: coordinator only, no model on this node", {
