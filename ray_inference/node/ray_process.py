@@ -180,7 +180,11 @@ class RayNode:
             started.set()
 
         threading.Thread(target=pump, daemon=True, name="ray-start-output").start()
-        started.wait(timeout_s)
+        try:
+            started.wait(timeout_s)
+        except BaseException:  # a stop signal (stop_signals.py) while Ray starts
+            self.stop()
+            raise
         if self._process.poll() is not None or not any(self.STARTED in x for x in self._lines):
             tail = [line for line in self._lines if line.strip()]
             self.stop()
