@@ -103,11 +103,11 @@ class RequestStream:
 
     async def paced(self, pause: Callable[[], float]):
         """Like `async for`, but after each chunk the next goes out with the first hand-over
-        (the engine's once per step) at least `pause()` seconds later, carrying everything
-        that arrived meanwhile. The first chunk and the end are never held. Sending only as
-        a step hands over keeps the messages, and the Ray, gateway and client work they
-        cause, together at a step's end instead of spread through the next step, and needs
-        no timer per held chunk."""
+        (the engine hands over at the end of every step, and after a prefill) at least
+        `pause()` seconds later, carrying everything that arrived meanwhile. The first chunk
+        and the end are never held. Sending only at hand-overs keeps the messages, and the
+        Ray, gateway and client work they cause, together at a step's end instead of spread
+        through the next step, and needs no timer per held chunk."""
         loop = asyncio.get_running_loop()
         send_at = 0.0
         while not self.finished:
