@@ -6,6 +6,8 @@ what the tests prove is what the containers run.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -17,6 +19,7 @@ from ray_inference.actors.coordinator import Coordinator
 from ray_inference.actors.inference import InferenceActor
 from ray_inference.config import Config
 from ray_inference.errors import ModelLoadError
+from ray_inference.node.stop_signals import never_stopped
 
 
 def start_coordinator(config: Config):
@@ -67,10 +70,18 @@ def actor_runtime_env(config: Config) -> dict[str, Any] | None:
     return None if spin is None else {"env_vars": {"GOMP_SPINCOUNT": str(spin)}}
 
 
-def wait_ready(handles: list[Any], timeout_s: float = 900) -> list[dict[str, Any]]:
-    """Wait until every actor has loaded its model; a load failure becomes one clear line."""
+def wait_ready(handles: list[Any], timeout_s: float = 900,
+               check: Callable[[], None] = never_stopped) -> list[dict[str, Any]]:
+    """Wait until every actor has loaded its model, calling `check` every second; a load
+    failure becomes one clear line."""
+    refs = [h.describe.remote() for h in handles]
+    deadline = time.monotonic() + timeout_s
+    while len(ray.wait(refs, num_returns=len(refs), timeout=1.0)[0]) < len(refs):
+        check()
+        if time.monotonic() > deadline:
+            raise ModelLoadError(f"the inference actors did not load within {timeout_s:g} s")
     try:
-        return ray.get([h.describe.remote() for h in handles], timeout=timeout_s)
+        return ray.get(refs)
     except RayActorError as exc:
         cause = getattr(exc, "cause", None) or exc
         message = str(getattr(cause, "message", None) or cause).strip().splitlines()

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 
 from ray_inference import logs
 from ray_inference.config import Config, load
 from ray_inference.node import ray_process
 from ray_inference.node.banner import show
-from ray_inference.node.stop_signals import StopSignals
+from ray_inference.node.stop_signals import StopSignals, never_stopped
 
 
-def serve_gateway(config: Config) -> None:
-    """Run the gateway in this (driver) process until it is told to stop."""
+def serve_gateway(config: Config, check: Callable[[], None] = never_stopped) -> None:
+    """Run the gateway in this (driver) process until it is told to stop; `check` comes
+    last before uvicorn takes the signals over."""
     import uvicorn
 
     from ray_inference.gateway.app import create_app
@@ -26,6 +28,7 @@ def serve_gateway(config: Config) -> None:
 
     router = Router(config.namespace, config.router.max_attempts)
     app = create_app(router, config.head.api_key, config.head.max_in_flight)
+    check()
     uvicorn.run(app, host=config.head.gateway_host, port=config.head.gateway_port,
                 log_level="warning", access_log=False)
 
@@ -37,7 +40,7 @@ def run_head(config_path: str | None = None) -> None:
     signals = StopSignals()
     signals.install()
     node = ray_process.RayNode(ray_process.head_command(config))
-    node.start()
+    node.start(check=signals.check)
     try:
         import ray
 
@@ -62,9 +65,6 @@ def run_head(config_path: str | None = None) -> None:
             "rss": f"{logs.rss_bytes() // 2**20} MB (pid {os.getpid()})",
             "next": f"rayinfer worker --head {head_ip}:{config.head.ray_port}",
         })
-        # uvicorn handles the signals while it serves, and sends the one that stopped it on
-        # to these handlers afterwards: by then it only marks the head as stopping.
-        signals.running = True
-        serve_gateway(config)
+        serve_gateway(config, signals.check)
     finally:
         node.stop()

@@ -16,12 +16,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import psutil
 
 from ray_inference import HEAD_RESOURCE, logs
 from ray_inference.config import Config, ConfigError
 from ray_inference.errors import RayInferError
+from ray_inference.node.stop_signals import never_stopped
 
 # Token auth needs a token on every node; rayinfer keeps Ray's ports inside the cluster's own
 # network instead (firewall / private bridge). Set RAY_AUTH_MODE=token yourself to add it.
@@ -115,13 +117,16 @@ def check_ports_free(ports: dict[str, tuple[str, int]]) -> None:
                     f"what listens there, or set {key} to another port") from None
 
 
-def wait_for_head(address: str, timeout_s: float) -> None:
+def wait_for_head(address: str, timeout_s: float,
+                  check: Callable[[], None] = never_stopped) -> None:
     """Wait until the head's Ray (GCS) port takes a TCP connection: `ray start` itself would
-    wait about two minutes, silently, and then name an internal RPC. Logs every 10 s."""
+    wait about two minutes, silently, and then name an internal RPC. Logs every 10 s; calls
+    `check` (stop_signals.py) between tries."""
     host, port = split_address(address)
     deadline = time.monotonic() + timeout_s
     next_log = 0.0
     while True:
+        check()
         try:
             with socket.create_connection((host, port), timeout=3):
                 return
@@ -162,7 +167,9 @@ class RayNode:
         self._process: subprocess.Popen | None = None
         self._lines: list[str] = []
 
-    def start(self, timeout_s: float = 120) -> None:
+    def start(self, timeout_s: float = 120, check: Callable[[], None] = never_stopped) -> None:
+        """Start `ray start` and wait for its node to be up, calling `check` twice a second
+        (a stop signal ends the wait, and this node)."""
         # rayinfer drains its own actors before stopping the node: Ray's own SIGTERM drain
         # would only wait 30 s for a node that is never idle (the head's coordinator).
         env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
@@ -180,8 +187,10 @@ class RayNode:
             started.set()
 
         threading.Thread(target=pump, daemon=True, name="ray-start-output").start()
+        deadline = time.monotonic() + timeout_s
         try:
-            started.wait(timeout_s)
+            while not started.wait(0.5) and time.monotonic() < deadline:
+                check()
         except BaseException:  # a stop signal (stop_signals.py) while Ray starts
             self.stop()
             raise

@@ -1,11 +1,13 @@
 """SIGTERM and SIGINT for a node process (`rayinfer head`, `rayinfer worker`).
 
-While the node starts (waiting for the head, loading models, waiting for the coordinator), the
-first signal aborts the start: `StartInterrupted` unwinds it, and the `finally` blocks on the
-way out stop the Ray node that was started. Before, a worker ignored both signals until its
-start ended (a Ctrl-C while it waited for a coordinator did nothing, ever), and a signal that
-came before Ray was up ended the process without stopping what it had started. Once the node
-runs, a signal only sets `stopping`: the worker drains, the head's gateway shuts down.
+The handler only notes the signal. While the node starts, every long wait (for the head's
+port, for `ray start`, for the models to load, for a coordinator) calls `check()` at least
+once a second, which ends the start with `StartInterrupted`; the `finally` blocks on the way
+out stop the Ray node that was started. (Raising from the handler itself broke a `ray.get`
+it landed in with a SystemError.) Before, a worker ignored both signals until its start
+ended, which it never did while it waited for a coordinator, and a SIGTERM before Ray was
+up killed the process outright. Once the node runs, a signal only sets `stopping`: the worker
+drains, the head's gateway shuts down.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class StartInterrupted(Exception):
 class StopSignals:
     def __init__(self):
         self.stopping = threading.Event()
-        self.running = False  # set once the node is ready: signals stop asking to abort
+        self._received = ""
 
     def install(self) -> None:
         """Handle both signals here. Call it again after `ray.init`, which installs a SIGTERM
@@ -34,7 +36,14 @@ class StopSignals:
             signal.signal(number, self._handle)
 
     def _handle(self, number: int, _frame) -> None:
-        first = not self.stopping.is_set()
+        self._received = self._received or signal.Signals(number).name
         self.stopping.set()
-        if first and not self.running:  # a second signal must not cut the clean-up short
-            raise StartInterrupted(signal.Signals(number).name)
+
+    def check(self) -> None:
+        """Raise StartInterrupted once a stop signal has arrived."""
+        if self.stopping.is_set():
+            raise StartInterrupted(self._received or "a stop request")
+
+
+def never_stopped() -> None:
+    """The `check` of a caller that has no signals to watch."""

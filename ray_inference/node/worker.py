@@ -11,6 +11,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -21,13 +22,14 @@ from ray_inference.errors import RayInferError
 from ray_inference.models import registry
 from ray_inference.node import deploy, ray_process
 from ray_inference.node.banner import show
-from ray_inference.node.stop_signals import StopSignals
+from ray_inference.node.stop_signals import StopSignals, never_stopped
 
 log = logging.getLogger("ray_inference.worker")
 
 
 class WorkerAgent:
-    def __init__(self, config: Config, node_id: str, num_gpus: int = 0):
+    def __init__(self, config: Config, node_id: str, num_gpus: int = 0,
+                 check: Callable[[], None] = never_stopped):
         self.config = config
         self.node_id = node_id
         self.num_gpus = num_gpus
@@ -35,6 +37,7 @@ class WorkerAgent:
         self.infos: list[dict[str, Any]] = []
         self.labels: dict[str, str] = {}
         self._stop = threading.Event()
+        self._check = check  # while starting: raises once a stop signal has arrived
 
     @property
     def actor_ids(self) -> list[str]:
@@ -42,7 +45,7 @@ class WorkerAgent:
 
     def start(self) -> None:
         self.handles = deploy.start_inference_actors(self.config, self.node_id, self.num_gpus)
-        self.infos = deploy.wait_ready(self.handles)
+        self.infos = deploy.wait_ready(self.handles, check=self._check)
         self.register(wait=True)
 
     def _coordinator(self, wait: bool):
@@ -54,7 +57,9 @@ class WorkerAgent:
                 if not wait or self._stop.is_set():
                     raise
                 logs.event(log, "waiting for the coordinator", retry_in_s=delay)
-                self._stop.wait(delay)
+                for _ in range(int(delay * 2)):  # a stop signal is noticed within 0.5 s
+                    self._check()
+                    time.sleep(0.5)
                 delay = min(delay * 2, 10.0)
 
     def register(self, wait: bool = False) -> None:
@@ -117,17 +122,17 @@ def run_worker(config_path: str | None = None, head_address: str | None = None) 
     signals = StopSignals()
     signals.install()
     ray_process.check_ports_free(ray_process.ports_to_bind(config, head=False))
-    ray_process.wait_for_head(head, config.worker.head_wait_s)
+    ray_process.wait_for_head(head, config.worker.head_wait_s, signals.check)
     num_gpus = deploy.detect_gpus(config.worker.num_gpus)
     node = ray_process.RayNode(ray_process.worker_command(config, head, num_gpus))
-    node.start()
+    node.start(check=signals.check)
     try:
         ray.init(address=head, namespace=config.namespace, log_to_driver=True,
                  logging_level="WARNING", _node_ip_address=config.worker.node_ip)
         signals.install()  # again: ray.init installed its own SIGTERM handler
-        agent = WorkerAgent(config, ray.get_runtime_context().get_node_id(), num_gpus)
+        agent = WorkerAgent(config, ray.get_runtime_context().get_node_id(), num_gpus,
+                            signals.check)
         agent.start()
-        signals.running = True
         show("WORKER NODE READY", {
             "joined": head,
             "node": f"{agent.labels.get(agent.actor_ids[0], '?')} ({socket.gethostname()}, "
