@@ -227,13 +227,14 @@ def plot(rows: list[Row], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _in_float32(loaded):
-    """The model as the seed loaded it (transformers' default dtype, float32)."""
-    from ray_inference.models import loader, registry
+def _in_float32(loaded, spec):
+    """The model as the seed loaded it (transformers' default dtype, float32), from its files
+    (`spec`): the stored weights may be finer than `loaded`'s."""
+    from ray_inference.models import loader
 
     if loaded.dtype == torch.float32:
         return loaded
-    return loader.load(registry.resolve("smollm2"), "float32", loaded.device)
+    return loader.load(spec, "float32", loaded.device)
 
 
 def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: int, seed: int,
@@ -244,7 +245,8 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
     from ray_inference.models import loader, registry
 
     torch.manual_seed(seed)
-    loaded = loader.load(registry.resolve("smollm2"))
+    spec = registry.resolve("smollm2")
+    loaded = loader.load(spec)
     # (a) and (b) run transformers' model as it comes; the engine changes the one it gets.
     engine_loaded = loaded.own_copy()
     echo(f"smollm2 on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}; (a) in "
@@ -260,7 +262,7 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
     alone = len(first.lengths)
     # (a) is the seed's way, float32 included: here it is also the faster dtype for one
     # request at a time (docs/benchmarks.md), so the ratios to (a) do not flatter the engine.
-    steps.append(("a", alone, lambda tick: one_at_a_time(_in_float32(loaded), first, tick)))
+    steps.append(("a", alone, lambda tick: one_at_a_time(_in_float32(loaded, spec), first, tick)))
     # One client at a time: the single-request time to first token the others are held to.
     steps.append(("c1", alone, lambda tick: engine_run(engine_loaded, first, 1, tick)))
     if url:

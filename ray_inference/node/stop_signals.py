@@ -21,13 +21,12 @@ class StartInterrupted(Exception):
 
     def __init__(self, signal_name: str):
         super().__init__(f"stopped by {signal_name} while starting")
-        self.signal_name = signal_name
 
 
 class StopSignals:
     def __init__(self):
         self.stopping = threading.Event()
-        self._received = ""
+        self._received = ""  # the first signal's name
 
     def install(self) -> None:
         """Handle both signals here. Call it again after `ray.init`, which installs a SIGTERM
@@ -41,8 +40,8 @@ class StopSignals:
 
     def check(self) -> None:
         """Raise StartInterrupted once a stop signal has arrived."""
-        if self.stopping.is_set():
-            raise StartInterrupted(self._received or "a stop request")
+        if self._received:
+            raise StartInterrupted(self._received)
 
 
 def never_stopped() -> None:
