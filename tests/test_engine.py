@@ -18,8 +18,12 @@ from ray_inference.errors import ContextLengthExceeded, InvalidRequest, ModelLoa
 from ray_inference.models import loader, registry
 
 
-def load(model_dir, name, **engine):
+def load(model_dir, name, sharpen: bool = False, **engine):
+    """A tiny model in fp32 and an engine over it; `sharpen` (sharpen_attention) changes the
+    weights before the engine packs them."""
     loaded = loader.load(registry.resolve(f"{name}={model_dir / name}"), "float32")
+    if sharpen:
+        sharpen_attention(loaded.model)
     return loaded, create_engine(loaded, EngineConfig(**engine))
 
 
@@ -92,22 +96,40 @@ def test_batched_greedy_matches_one_at_a_time_generate(model_dir, name, overlap)
     engine.shutdown()
 
 
-bf16_cpu = pytest.mark.skipif(not prepack.supported(torch.device("cpu"), torch.bfloat16),
-                              reason="this CPU's oneDNN has no bf16 kernels")
+def packable(dtype: torch.dtype):
+    """`dtype` as a test parameter, skipped where this CPU build cannot pack it."""
+    return pytest.param(dtype, id=str(dtype).removeprefix("torch."), marks=pytest.mark.skipif(
+        not prepack.supported(torch.device("cpu"), dtype),
+        reason=f"this CPU build has no packed {dtype} kernels"))
 
 
-@bf16_cpu
+PACKABLE = [packable(torch.bfloat16), packable(torch.float32)]
+PACKED_LAYER = {torch.bfloat16: prepack.PackedLinear, torch.float32: prepack.MklPackedLinear}
+
+
+def assert_packed_output(dtype: torch.dtype, packed: torch.Tensor, plain: torch.Tensor) -> None:
+    """bf16 without a bias: oneDNN runs the same implementation, bit for bit; MKL's packed
+    fp32 products sum in their own order, so fp32 agrees within rounding."""
+    if dtype == torch.bfloat16:
+        assert torch.equal(packed, plain)
+    else:
+        torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", PACKABLE)
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-def test_packed_linear_weights_give_the_models_own_logits(model_dir, name):
-    """Every bf16 nn.Linear swapped for its oneDNN-packed twin: bit-identical logits, the
-    untied weights' own memory given up, and a second pack changes nothing."""
-    loaded = loader.load(registry.resolve(f"{name}={model_dir / name}"), "bfloat16")
+def test_packed_linear_weights_give_the_models_own_logits(model_dir, name, dtype):
+    """Every nn.Linear swapped for its packed twin: the model's logits, the untied weights'
+    own memory given up, and a second pack changes nothing."""
+    loaded = loader.load(registry.resolve(f"{name}={model_dir / name}"), str(dtype)[6:])
     model = loaded.model
     twin = copy.deepcopy(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     ids = loaded.tokenizer("the cat is a dog of no", return_tensors="pt")["input_ids"]
     assert prepack.pack(model) == len(linears) > 0  # GPT-2: lm_head (its blocks use Conv1D)
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert all(type(m) is PACKED_LAYER[dtype] for m in model.modules()
+               if isinstance(m, tuple(PACKED_LAYER.values())))
     assert prepack.pack(model) == 0
     unpacked = sum(p.numel() for p in twin.parameters())
     untied = sum(m.weight.numel() for m in linears
@@ -115,30 +137,34 @@ def test_packed_linear_weights_give_the_models_own_logits(model_dir, name):
     assert sum(p.numel() for p in model.parameters()) == unpacked - untied
     assert loaded.describe()["parameters"] == unpacked  # counted at load
     with torch.inference_mode():
-        assert torch.equal(model(ids).logits, twin(ids).logits)
+        assert_packed_output(dtype, model(ids).logits, twin(ids).logits)
 
 
-@bf16_cpu
-def test_linear_layers_with_a_bias_pack_too():
-    """Llama's projections have no bias, others' (Qwen's q/k/v) do: the packed layer adds it."""
+@pytest.mark.parametrize("dtype", PACKABLE)
+def test_linear_layers_with_a_bias_pack_too(dtype):
+    """Llama's projections have no bias, others' (Qwen's q/k/v) do: the packed layer adds it,
+    for one row, a batch, more rows than the layout was packed for, and none."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(),
-                                torch.nn.Linear(96, 32)).to(torch.bfloat16)
+                                torch.nn.Linear(96, 32)).to(dtype)
     twin = copy.deepcopy(model)
-    x = torch.randn(5, 64, dtype=torch.bfloat16)
     assert prepack.pack(model) == 2
-    assert all(isinstance(model[i], prepack.PackedLinear) and model[i].bias is not None
+    assert all(isinstance(model[i], PACKED_LAYER[dtype]) and model[i].bias is not None
                for i in (0, 2))
     with torch.inference_mode():
-        torch.testing.assert_close(model(x), twin(x))
+        for shape in ((1, 64), (5, 64), (2, 70, 64), (0, 64)):
+            x = torch.randn(shape, dtype=dtype)
+            out = model(x)
+            assert out.shape == (*shape[:-1], 32)
+            torch.testing.assert_close(out, twin(x))
 
 
-@bf16_cpu
-def test_a_bf16_cpu_engine_packs_its_weights_and_answers_as_without(model_dir):
+@pytest.mark.parametrize("dtype", PACKABLE)
+def test_a_cpu_engine_packs_its_weights_and_answers_as_without(model_dir, dtype):
     path = registry.resolve(f"tiny-llama={model_dir / 'tiny-llama'}")
     answers, packed = {}, {}
     for setting in (True, False):
-        loaded = loader.load(path, "bfloat16")
+        loaded = loader.load(path, str(dtype)[6:])
         engine = create_engine(loaded, EngineConfig(prepack_weights=setting))
         engine._eos = set()
         packed[setting] = engine.describe()["prepacked_linears"]
@@ -148,9 +174,13 @@ def test_a_bf16_cpu_engine_packs_its_weights_and_answers_as_without(model_dir):
         engine.shutdown()
     assert packed == {True: 15, False: 0}  # 2 layers x 7 projections + lm_head
     assert answers[True] == answers[False]
-    _, fp32 = load(model_dir, "tiny-llama")  # float32 weights stay as they are
-    assert fp32.describe()["prepacked_linears"] == 0
-    fp32.shutdown()
+
+
+def test_float16_cpu_weights_stay_as_they_are(model_dir):
+    """Neither oneDNN's bf16 path nor MKL's fp32 one takes fp16 weights."""
+    assert not prepack.supported(torch.device("cpu"), torch.float16)
+    loaded = loader.load(registry.resolve(f"tiny-llama={model_dir / 'tiny-llama'}"), "float16")
+    assert prepack.pack(loaded.model) == 0
 
 
 def test_requests_join_a_running_batch(model_dir):
@@ -209,10 +239,9 @@ def test_arrivals_are_prefilled_inside_the_running_batchs_decode_step(model_dir,
     """Requests that arrive while a batch runs ride in its next decode pass: a short prompt,
     one longer than the batch's history (columns move right), one that ends with its first
     token, and prompts whose start the prefix cache holds. Every greedy answer stays generate's."""
-    loaded, engine = load(model_dir, name, pack_arrivals=pack)
+    loaded, engine = load(model_dir, name, sharpen=True, pack_arrivals=pack)
     assert engine.describe()["pack_arrivals"] is pack
     engine._eos = set()
-    sharpen_attention(loaded.model)
     shared = "the cat is a dog of no red blue green hello world " * 3
     # The first two prompts that start alike teach the prefix cache (one of them packed);
     # the next two are packed after the cached start.
@@ -240,9 +269,8 @@ def test_arrivals_are_prefilled_inside_the_running_batchs_decode_step(model_dir,
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_prompts_that_start_alike_are_prefilled_from_the_prefix_cache(model_dir, name):
-    loaded, engine = load(model_dir, name)
+    loaded, engine = load(model_dir, name, sharpen=True)
     engine._eos = set()
-    sharpen_attention(loaded.model)
     shared = "the cat is a dog of no red blue green hello world " * 3
     endings = ["what", "what is the capital", "of france ?", "red", "the cat is a dog"]
     prompts = [shared + ending for ending in endings]
