@@ -115,8 +115,9 @@ class EngineConfig(_Section):
     # Keep the K/V of a prompt start that recent prompts share (a chat template's system
     # prompt) and prefill only what follows it.
     prefix_cache: bool = True
-    # CPU workers in bf16: reorder each linear layer's weight once, at load, into oneDNN's
-    # blocked layout, instead of within every matrix product (the same results, faster passes).
+    # CPU workers: pack each linear layer's weight once, at load, into the blocked layout the
+    # kernels compute on (bf16: oneDNN's, fp32: MKL's), instead of within every matrix product
+    # (the same results, within fp32 rounding in fp32; faster passes).
     prepack_weights: bool = True
     # Stream messages per second one actor sends over all its requests: under load each
     # request's tokens go out together every (running requests / this) seconds. 0: no limit.

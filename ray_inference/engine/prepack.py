@@ -114,7 +114,7 @@ def _trim_heap() -> None:
     layer: MKL's packed buffer is allocated at about 4x the weight's bytes (3,490,017 floats
     for a 1536x576 weight) and only its packed bytes are written, so on pages a freed weight
     left resident the rest would count too. A SmolLM2 process in fp32: 884 MiB RSS before
-    packing, 1,011 after (the tied output layer's packed copy is 108 MiB); 413 MiB more, not
+    packing, 1,011 after (the tied output layer's packed copy is 108 MiB); 416 MiB more, not
     127, with one trim at the end. In bf16: 628 before, 694 after (908 without trimming)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
