@@ -96,9 +96,13 @@ def test_batched_greedy_matches_one_at_a_time_generate(model_dir, name, overlap)
     engine.shutdown()
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def packable(dtype: torch.dtype):
     """`dtype` as a test parameter, skipped where this CPU build cannot pack it."""
-    return pytest.param(dtype, id=str(dtype).removeprefix("torch."), marks=pytest.mark.skipif(
+    return pytest.param(dtype, id=dtype_name(dtype), marks=pytest.mark.skipif(
         not prepack.supported(torch.device("cpu"), dtype),
         reason=f"this CPU build has no packed {dtype} kernels"))
 
@@ -121,7 +125,7 @@ def assert_packed_output(dtype: torch.dtype, packed: torch.Tensor, plain: torch.
 def test_packed_linear_weights_give_the_models_own_logits(model_dir, name, dtype):
     """Every nn.Linear swapped for its packed twin: the model's logits, the untied weights'
     own memory given up, and a second pack changes nothing."""
-    loaded = loader.load(registry.resolve(f"{name}={model_dir / name}"), str(dtype)[6:])
+    loaded = loader.load(registry.resolve(f"{name}={model_dir / name}"), dtype_name(dtype))
     model = loaded.model
     twin = copy.deepcopy(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -157,6 +161,8 @@ def test_linear_layers_with_a_bias_pack_too(dtype):
             out = model(x)
             assert out.shape == (*shape[:-1], 32)
             torch.testing.assert_close(out, twin(x))
+        with pytest.raises(RuntimeError):  # the wrong width fails, as with the plain layer
+            model(torch.randn(3, 65, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", PACKABLE)
@@ -164,7 +170,7 @@ def test_a_cpu_engine_packs_its_weights_and_answers_as_without(model_dir, dtype)
     path = registry.resolve(f"tiny-llama={model_dir / 'tiny-llama'}")
     answers, packed = {}, {}
     for setting in (True, False):
-        loaded = loader.load(path, str(dtype)[6:])
+        loaded = loader.load(path, dtype_name(dtype))
         engine = create_engine(loaded, EngineConfig(prepack_weights=setting))
         engine._eos = set()
         packed[setting] = engine.describe()["prepacked_linears"]

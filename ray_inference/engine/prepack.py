@@ -70,7 +70,12 @@ class MklPackedLinear(torch.nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        # MKL reads rows of in_features values whatever x's width: a wrong width would read
+        # past the input instead of failing as F.linear does.
+        if x.shape[-1] != self.in_features:
+            raise RuntimeError(f"a packed linear layer of {self.in_features} inputs got "
+                               f"{x.shape[-1]} (input shape {tuple(x.shape)})")
+        rows = x.numel() // self.in_features
         return torch.ops.mkl._mkl_linear(x, self.packed, self.shape, self.bias, rows)
 
     extra_repr = PackedLinear.extra_repr
