@@ -33,41 +33,47 @@ log = logging.getLogger(__name__)
 BATCH_HINT = 64
 
 
-class PackedLinear(torch.nn.Module):
-    """`nn.Linear` whose weight is kept in oneDNN's blocked layout (inference only)."""
+class _Packed(torch.nn.Module):
+    """What both packed layers keep of the `nn.Linear` they replace (inference only)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), BATCH_HINT)
         self.bias = linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")
 
 
-class MklPackedLinear(torch.nn.Module):
-    """fp32 `nn.Linear` whose weight is kept in MKL's packed GEMM layout (inference only).
+class PackedLinear(_Packed):
+    """bf16 `nn.Linear` whose weight is kept in oneDNN's blocked layout."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__(linear)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), BATCH_HINT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class MklPackedLinear(_Packed):
+    """fp32 `nn.Linear` whose weight is kept in MKL's packed GEMM layout.
 
     torch's `_mkl_linear` takes the packed path only when the input's row count equals the
     count it is told the weight was packed for, and falls back to the plain weight otherwise.
     MKL's packed weight has the same size whatever count it is packed for, and one packed for
-    64 rows gave the same products for 3-513 rows as one packed for each count (for one row,
-    products within fp32 rounding), so each call passes its own row count and always runs
-    packed (`pack` checks 1, 3 and 65 rows against the plain layer). The plain weight is then
-    never read, only its shape: a stand-in of that shape over one element takes its place."""
+    64 rows gave the same products as one packed for each count at 3, 7, 49, 100 and 513 rows
+    (at one row, products within fp32 rounding), so each call passes its own row count and
+    always runs packed (`pack` checks 1, 3 and 65 rows against the plain layer). The plain
+    weight is then never read, only its shape: a stand-in of that shape over one element
+    takes its place."""
 
     def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear)
         weight = linear.weight.detach()
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, BATCH_HINT)
-        self.shape = weight.new_zeros(()).expand(weight.shape)
-        self.bias = linear.bias
+        self.shape_only = weight.new_zeros(()).expand(weight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # MKL reads rows of in_features values whatever x's width: a wrong width would read
@@ -76,9 +82,7 @@ class MklPackedLinear(torch.nn.Module):
             raise RuntimeError(f"a packed linear layer of {self.in_features} inputs got "
                                f"{x.shape[-1]} (input shape {tuple(x.shape)})")
         rows = x.numel() // self.in_features
-        return torch.ops.mkl._mkl_linear(x, self.packed, self.shape, self.bias, rows)
-
-    extra_repr = PackedLinear.extra_repr
+        return torch.ops.mkl._mkl_linear(x, self.packed, self.shape_only, self.bias, rows)
 
 
 # Weight dtype -> the packed layer for it.
@@ -116,11 +120,13 @@ def pack(model: torch.nn.Module) -> int:
 
 def _trim_heap() -> None:
     """glibc keeps a replaced weight's freed pages; hand them back to the system, after each
-    layer: MKL's packed buffer is allocated at about 4x the weight's bytes (3,490,017 floats
-    for a 1536x576 weight) and only its packed bytes are written, so on pages a freed weight
-    left resident the rest would count too. A SmolLM2 process in fp32: 884 MiB RSS before
+    layer: MKL's packed buffer is about 4x the weight's bytes (3,490,017 floats for a
+    1536x576 weight), and on fresh memory 20 of them took 3.6 MB of RSS each, so only the
+    packed bytes are written (inferred from RSS, not traced); on pages a freed weight left
+    resident the rest would count too. A SmolLM2 process in fp32: 884 MiB RSS before
     packing, 1,011 after (the tied output layer's packed copy is 108 MiB); 416 MiB more, not
-    127, with one trim at the end. In bf16: 628 before, 694 after (908 without trimming)."""
+    127, with one trim at the end. In bf16: 628 before, 694 after (in the eighth session,
+    without trimming: 663 before, 908 after)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
