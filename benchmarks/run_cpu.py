@@ -3,7 +3,9 @@ batches (b), the engine (c) and the full stack (d): `rayinfer head` plus `rayinf
 (benchmarks/local_stack.py) driven over HTTP by `rayinfer bench`, whose options follow.
 Results: benchmarks/results/cpu.{json,png}; the peak memory of the head's processes:
 benchmarks/results/head-memory.json. WORKERS=2 starts two worker nodes that split the cores
-(results: cpu-2-workers.*, head-memory-2-workers.json). Each worker batches up to 64 requests.
+(results: cpu-2-workers.*, head-memory-2-workers.json); QUANTIZE=int8 runs (c) and the workers
+with `engine.quantize: int8` (results: cpu-int8.*, head-memory-int8.json). Each worker batches
+up to 64 requests.
 
     benchmarks/run_cpu.sh -c 16 -c 64 --min-tokens 64 --max-tokens 128
 """
@@ -25,7 +27,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main(bench_args: list[str]) -> int:
     workers = int(os.environ.get("WORKERS", "1"))
-    suffix = "" if workers == 1 else f"-{workers}-workers"
+    quantize = os.environ.get("QUANTIZE", "none")
+    suffix = ("" if workers == 1 else f"-{workers}-workers") + (
+        "" if quantize == "none" else f"-{quantize}")
     cpus = max(1, (os.cpu_count() or 1) // workers)
     started: list[subprocess.Popen] = []
     peak: dict = {}
@@ -36,9 +40,10 @@ def main(bench_args: list[str]) -> int:
         sampler.start()
         try:
             for index in range(1, workers + 1):
-                started.append(start_worker(Path(directory), {"max_batch_size": 64}, index,
-                                            cpus))
+                started.append(start_worker(Path(directory), {"max_batch_size": 64,
+                                                              "quantize": quantize}, index, cpus))
             bench = subprocess.run([str(RAYINFER), "bench", *bench_args, "--gateway", URL,
+                                    "--quantize", quantize,
                                     "--out", str(RESULTS / f"cpu{suffix}.json")], check=False)
         finally:
             done.set()

@@ -108,9 +108,9 @@ def engine_run(loaded, work: Workload, concurrency: int, tick: Tick = _no_tick,
     from ray_inference.config import EngineConfig
     from ray_inference.engine import GenerationRequest, create_engine
 
-    engine = create_engine(loaded, EngineConfig(max_batch_size=concurrency,
-                                                max_queue=len(work.lengths) + 1,
-                                                **(settings or {})))
+    config = EngineConfig(max_batch_size=concurrency, max_queue=len(work.lengths) + 1,
+                          **(settings or {}))
+    engine = create_engine(loaded, config)
     ttfts: list[tuple[float, bool]] = []  # (time to first token, the client's first request)
     tokens = [0]
     lock = threading.Lock()
@@ -151,7 +151,8 @@ def engine_run(loaded, work: Workload, concurrency: int, tick: Tick = _no_tick,
         thread.join()
     seconds = time.perf_counter() - start
     engine.shutdown()
-    return Row(f"c: rayinfer engine, {concurrency} clients", concurrency, len(work.lengths),
+    kind = "" if config.quantize == "none" else f" ({config.quantize})"
+    return Row(f"c: rayinfer engine{kind}, {concurrency} clients", concurrency, len(work.lengths),
                tokens[0], seconds, percentile([t for t, _ in ttfts], 0.5),
                percentile([t for t, cold in ttfts if not cold], 0.5))
 
@@ -241,7 +242,7 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         url: str | None = None, model: str = "smollm2", api_key: str | None = None,
         out: Path | None = None, echo: Callable[[str], None] = print,
         progress: Callable[[str, int], Tick] | None = None, hf_cb: bool = False,
-        requests_per_client: int = 2) -> list[Row]:
+        requests_per_client: int = 2, quantize: str = "none") -> list[Row]:
     from ray_inference.models import loader, registry
 
     torch.manual_seed(seed)
@@ -249,8 +250,9 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
     loaded = loader.load(spec)
     # (a) and (b) run transformers' model as it comes; the engine changes the one it gets.
     engine_loaded = loaded.own_copy()
+    engine = {"quantize": quantize}
     echo(f"smollm2 on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}; (a) in "
-         f"float32, the seed's dtype), "
+         f"float32, the seed's dtype; engine.quantize {quantize}), "
          f"{torch.get_num_threads()} threads; concurrency {concurrency}; "
          f"{min_tokens}-{max_tokens} new tokens per prompt; {requests_per_client} requests per "
          f"client; seed {seed}")
@@ -264,7 +266,7 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
     # request at a time (docs/benchmarks.md), so the ratios to (a) do not flatter the engine.
     steps.append(("a", alone, lambda tick: one_at_a_time(_in_float32(loaded, spec), first, tick)))
     # One client at a time: the single-request time to first token the others are held to.
-    steps.append(("c1", alone, lambda tick: engine_run(engine_loaded, first, 1, tick)))
+    steps.append(("c1", alone, lambda tick: engine_run(engine_loaded, first, 1, tick, engine)))
     if url:
         steps.append(("d1", alone,
                       lambda tick: gateway_run(url, model, first, 1, api_key, tick)))
@@ -274,7 +276,7 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         steps.append((f"b{c}", count, lambda tick, part=part, c=c:
                       static_batches(loaded, part, c, tick)))
         steps.append((f"c{c}", count, lambda tick, part=part, c=c:
-                      engine_run(engine_loaded, part, c, tick)))
+                      engine_run(engine_loaded, part, c, tick, engine)))
         if hf_cb:
             steps.append((f"e{c}", count, lambda tick, part=part, c=c:
                           hf_continuous(loaded, part, c, tick)))
@@ -289,7 +291,7 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         out.write_text(json.dumps({
             "device": str(loaded.device), "dtype": str(loaded.dtype), "threads":
                 torch.get_num_threads(), "min_tokens": min_tokens, "max_tokens": max_tokens,
-            "seed": seed, "requests_per_client": requests_per_client,
+            "seed": seed, "requests_per_client": requests_per_client, "quantize": quantize,
             "rows": [r.to_dict() for r in rows]}, indent=2))
         plot(rows, out.with_suffix(".png"))
         echo(f"wrote {out} and {out.with_suffix('.png')}")

@@ -481,11 +481,14 @@ def _progress_bar(variant: str, requests: int):
               help="Model name at the gateway for (d).")
 @click.option("--hf-continuous", is_flag=True,
               help="Also run (e): transformers' own continuous batching (generate_batch).")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none",
+              show_default=True,
+              help="engine.quantize for (c); (d) runs as the gateway's workers are configured.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write JSON here, and a PNG beside it.")
 def bench(concurrency: tuple[int, ...], min_tokens: int, max_tokens: int, sequential: int,
           requests_per_client: int, seed: int, gateway_url: str | None, model: str, hf_continuous: bool,
-          out: str | None) -> None:
+          quantize: str, out: str | None) -> None:
     """Benchmark SmolLM2 side by side in one run: HF one at a time (a), HF static batches (b),
     the rayinfer engine (c) and, with --gateway, the full stack over HTTP (d); prints tok/s,
     p50 time to first token and ratios to (a) and (b).
@@ -503,4 +506,4 @@ def bench(concurrency: tuple[int, ...], min_tokens: int, max_tokens: int, sequen
     run(sorted(set(concurrency)), min_tokens, max_tokens, sequential, seed, gateway_url, model,
         os.environ.get("RAYINFER_API_KEY"), Path(out) if out else None, echo=click.echo,
         progress=_progress_bar, hf_cb=hf_continuous,
-        requests_per_client=requests_per_client)
+        requests_per_client=requests_per_client, quantize=quantize)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ray_inference.engine import packing, prepack
+from ray_inference.engine import packing, prepack, quantize
 from ray_inference.engine.base import Engine, Pending
 from ray_inference.engine.graphs import MIN_COLUMNS, MIN_ROWS, DecodeGraphs, bucket
 from ray_inference.engine.kv import COLUMN_CHUNK, SlotKV
@@ -88,6 +88,7 @@ class CausalEngine(Engine):
         self._grouped_query = packing.supported(self._model)
         if self._grouped_query:
             packing.enable(self._model)
+        self._quantized = self._quantize(config.quantize)
         self._prepacked = (prepack.pack(self._model) if config.prepack_weights
                            and prepack.supported(self._device, self._dtype) else 0)
         # Settled CPU steps go through it as packed steps, with room for arrivals' prompts.
@@ -106,6 +107,15 @@ class CausalEngine(Engine):
         # A row never spans more columns than its prompt plus its new tokens.
         self._max_columns = min(loaded.context_length, config.max_tokens_in_flight) + 1
         super().__init__(loaded, config)
+
+    def _quantize(self, scheme: str) -> int:
+        if scheme == "none":
+            return 0
+        if not quantize.supported(self._device):
+            log.warning("engine.quantize: %s runs on CPU workers only; this %s worker keeps the "
+                        "model's %s weights", scheme, self._device.type, self._dtype)
+            return 0
+        return quantize.quantize(self._model)
 
     @staticmethod
     def _eos_ids(loaded) -> set[int]:
@@ -130,7 +140,7 @@ class CausalEngine(Engine):
         info = {"kv_bytes": self._kv.nbytes if self._kv else 0,
                 "cuda_graphs": self._graphs is not None, "grouped_query_steps": self._grouped_query,
                 "packed_steps": self._packed_steps, "pack_arrivals": self._packing,
-                "prepacked_linears": self._prepacked}
+                "prepacked_linears": self._prepacked, "int8_linears": self._quantized}
         if self._graphs is not None:
             info.update(graph_captures=self._graphs.captures, graph_replays=self._graphs.replays)
         return info

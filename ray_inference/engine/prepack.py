@@ -112,13 +112,13 @@ def pack(model: torch.nn.Module) -> int:
         linear = getattr(parent, name)
         setattr(parent, name, _PACKED[linear.weight.dtype](linear))
         del linear
-        _trim_heap()
+        trim_heap()
     gc.collect()
-    _trim_heap()
+    trim_heap()
     return len(places)
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """glibc keeps a replaced weight's freed pages; hand them back to the system, after each
     layer: MKL's packed buffer is about 4x the weight's bytes (3,490,017 floats for a
     1536x576 weight), and on fresh memory 20 of them took 3.6 MB of RSS each, so only the
