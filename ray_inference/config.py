@@ -119,9 +119,10 @@ class EngineConfig(_Section):
     # kernels compute on (bf16: oneDNN's, fp32: MKL's), instead of within every matrix product
     # (the same results, within fp32 rounding in fp32; faster passes).
     prepack_weights: bool = True
-    # CPU workers: run every linear layer but the output layer in int8 (weights rounded once per
-    # output channel, inputs per token; docs/engine.md). More tokens per second, slightly
-    # different answers (SmolLM2's perplexity 2.6% higher), so off; ignored on GPUs.
+    # CPU workers, generation models: run every linear layer but the output layer in int8
+    # (weights rounded once per output channel, inputs per token; docs/engine.md). More tokens
+    # per second, slightly different answers (SmolLM2's perplexity 2.6% higher), so off;
+    # ignored on GPUs and by T5/BERT models.
     quantize: Literal["none", "int8"] = "none"
     # Stream messages per second one actor sends over all its requests: under load each
     # request's tokens go out together every (running requests / this) seconds. 0: no limit.
