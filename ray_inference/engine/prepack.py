@@ -18,13 +18,13 @@ the model's memory stays about the same.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import logging
 
 import torch
 import torch.nn.functional as F
+
+from ray_inference.engine import linears
+from ray_inference.engine.linears import LinearReplacement
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +33,7 @@ log = logging.getLogger(__name__)
 BATCH_HINT = 64
 
 
-class _Packed(torch.nn.Module):
-    """What both packed layers keep of the `nn.Linear` they replace (inference only)."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bias = linear.bias
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
-
-
-class PackedLinear(_Packed):
+class PackedLinear(LinearReplacement):
     """bf16 `nn.Linear` whose weight is kept in oneDNN's blocked layout."""
 
     def __init__(self, linear: torch.nn.Linear):
@@ -57,7 +44,7 @@ class PackedLinear(_Packed):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-class MklPackedLinear(_Packed):
+class MklPackedLinear(LinearReplacement):
     """fp32 `nn.Linear` whose weight is kept in MKL's packed GEMM layout.
 
     torch's `_mkl_linear` takes the packed path only when the input's row count equals the
@@ -76,11 +63,7 @@ class MklPackedLinear(_Packed):
         self.shape_only = weight.new_zeros(()).expand(weight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # MKL reads rows of in_features values whatever x's width: a wrong width would read
-        # past the input instead of failing as F.linear does.
-        if x.shape[-1] != self.in_features:
-            raise RuntimeError(f"a packed linear layer of {self.in_features} inputs got "
-                               f"{x.shape[-1]} (input shape {tuple(x.shape)})")
+        self.check_width(x)  # MKL would read past a narrower input without a word
         rows = x.numel() // self.in_features
         return torch.ops.mkl._mkl_linear(x, self.packed, self.shape_only, self.bias, rows)
 
@@ -102,33 +85,18 @@ def supported(device: torch.device, dtype: torch.dtype) -> bool:
 def pack(model: torch.nn.Module) -> int:
     """Swap every bf16 or fp32 `nn.Linear` of a CPU model for its packed twin; returns how
     many. Layers packed before stay as they are, so packing a model twice packs nothing more."""
-    places = [(parent, name) for parent in model.modules()
-              for name, child in parent.named_children()
-              if isinstance(child, torch.nn.Linear) and child.weight.dtype in _PACKED
-              and child.weight.device.type == "cpu"]
+    places = linears.cpu_linears(model, lambda linear: linear.weight.dtype in _PACKED)
     if not places or not _agrees(getattr(*places[0])):
         return 0
-    for parent, name in places:  # nothing else holds the replaced layers afterwards
-        linear = getattr(parent, name)
-        setattr(parent, name, _PACKED[linear.weight.dtype](linear))
-        del linear
-        trim_heap()
-    gc.collect()
-    trim_heap()
-    return len(places)
-
-
-def trim_heap() -> None:
-    """glibc keeps a replaced weight's freed pages; hand them back to the system, after each
-    layer: MKL's packed buffer is about 4x the weight's bytes (3,490,017 floats for a
-    1536x576 weight), and on fresh memory 20 of them took 3.6 MB of RSS each, so only the
-    packed bytes are written (inferred from RSS, not traced); on pages a freed weight left
-    resident the rest would count too. A SmolLM2 process in fp32: 884 MiB RSS before
-    packing, 1,011 after (the tied output layer's packed copy is 108 MiB); 416 MiB more, not
-    127, with one trim at the end. In bf16: 628 before, 694 after (in the eighth session,
-    without trimming: 663 before, 908 after)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    # After each layer: MKL's packed buffer is about 4x the weight's bytes (3,490,017 floats
+    # for a 1536x576 weight), and on fresh memory 20 of them took 3.6 MB of RSS each, so only
+    # the packed bytes are written (inferred from RSS, not traced); on pages a freed weight
+    # left resident the rest would count too. A SmolLM2 process in fp32: 884 MiB RSS before
+    # packing, 1,011 after (the tied output layer's packed copy is 108 MiB); 416 MiB more, not
+    # 127, with one trim at the end. In bf16: 628 before, 694 after (in the eighth session,
+    # without trimming: 663 before, 908 after).
+    return linears.replace(places, lambda linear: _PACKED[linear.weight.dtype](linear),
+                           trim_each=True)
 
 
 def _agrees(linear: torch.nn.Linear) -> bool:

@@ -20,44 +20,36 @@ a few tokens, where bf16's part after tens).
 
 from __future__ import annotations
 
-import gc
 import logging
 
 import torch
 
-from ray_inference.engine.prepack import trim_heap
+from ray_inference.engine import linears
 
 log = logging.getLogger(__name__)
 
 # Symmetric int8: -127..127, so that negating a value never overflows.
 _LIMIT = 127
+# The smallest scale: an all-zero row or weight channel divides by it, not by zero.
+_TINY = torch.finfo(torch.float32).tiny
 
 
-class Int8Linear(torch.nn.Module):
-    """An `nn.Linear` (inference only) whose weight is int8 with a scale per output channel and
-    whose input is rounded to int8 with a scale per row."""
+class Int8Linear(linears.LinearReplacement):
+    """An `nn.Linear` whose weight is int8 with a scale per output channel and whose input is
+    rounded to int8 with a scale per row."""
 
     def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear)
         weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / _LIMIT
+        scale = weight.abs().amax(dim=1).clamp(min=_TINY) / _LIMIT
         # (in, out): the layout torch._int_mm multiplies by.
         self.weight_int8 = torch.round(weight / scale[:, None]).to(torch.int8).t().contiguous()
         self.weight_scale = scale
-        self.bias = linear.bias
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise RuntimeError(f"an int8 linear layer of {self.in_features} inputs got "
-                               f"{x.shape[-1]} (input shape {tuple(x.shape)})")
+        self.check_width(x)  # a multiple of the width would reshape into rows without a word
         rows = x.reshape(-1, self.in_features)
-        scale = (rows.abs().amax(dim=1, keepdim=True).float()
-                 .clamp_(min=torch.finfo(torch.float32).tiny).mul_(1 / _LIMIT))
+        scale = rows.abs().amax(dim=1, keepdim=True).float().clamp_(min=_TINY).mul_(1 / _LIMIT)
         rows_int8 = (rows / scale).round_().to(torch.int8)
         out = torch._int_mm(rows_int8, self.weight_int8).float().mul_(scale).mul_(self.weight_scale)
         if self.bias is not None:
@@ -75,18 +67,11 @@ def quantize(model: torch.nn.Module) -> int:
     """Swap every `nn.Linear` of a CPU model but its output layer for an `Int8Linear`; returns
     how many. A build whose int8 product fails or disagrees leaves the model as it is."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    places = [(parent, name) for parent in model.modules()
-              for name, child in parent.named_children()
-              if isinstance(child, torch.nn.Linear) and child is not output
-              and child.weight.device.type == "cpu"]
+    places = linears.cpu_linears(model, lambda linear: linear is not output)
     if not places or not _works():
         return 0
-    for parent, name in places:
-        setattr(parent, name, Int8Linear(getattr(parent, name)))
-        trim_heap()  # hand the replaced fp32/bf16 weight's pages back at once
-    gc.collect()
-    trim_heap()
-    return len(places)
+    # One trim at the end: per layer it took 0.7 s against 0.4 for SmolLM2, for the same RSS.
+    return linears.replace(places, Int8Linear)
 
 
 def _works() -> bool:

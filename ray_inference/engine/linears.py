@@ -1,0 +1,63 @@
+"""What the CPU weight rewrites (prepack.py, quantize.py) share: finding a model's
+`nn.Linear` layers, swapping each for a replacement, handing the freed memory back, and the
+replacement's view of the layer it took over."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+from collections.abc import Callable
+
+import torch
+
+Place = tuple[torch.nn.Module, str]  # a parent module and its child's attribute name
+
+
+class LinearReplacement(torch.nn.Module):
+    """What a replacement keeps of the `nn.Linear` it takes over (inference only)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = linear.bias
+
+    def check_width(self, x: torch.Tensor) -> None:
+        """Fail on an input of the wrong width, as `F.linear` does, for kernels that would
+        read it as rows of `in_features` values without a word."""
+        if x.shape[-1] != self.in_features:
+            raise RuntimeError(f"{type(self).__name__} of {self.in_features} inputs got "
+                               f"{x.shape[-1]} (input shape {tuple(x.shape)})")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+def cpu_linears(model: torch.nn.Module,
+                wanted: Callable[[torch.nn.Linear], bool] = lambda linear: True) -> list[Place]:
+    """Where the model's CPU `nn.Linear` layers that `wanted` accepts sit."""
+    return [(parent, name) for parent in model.modules()
+            for name, child in parent.named_children()
+            if isinstance(child, torch.nn.Linear) and child.weight.device.type == "cpu"
+            and wanted(child)]
+
+
+def replace(places: list[Place], make: Callable[[torch.nn.Linear], torch.nn.Module],
+            trim_each: bool = False) -> int:
+    """Swap each layer for `make(layer)`; nothing else holds the replaced layers afterwards,
+    so their memory is freed and handed back (`trim_each`: after every layer, not only at the
+    end). Returns how many."""
+    for parent, name in places:
+        setattr(parent, name, make(getattr(parent, name)))
+        if trim_each:
+            trim_heap()
+    gc.collect()
+    trim_heap()
+    return len(places)
+
+
+def trim_heap() -> None:
+    """glibc keeps freed pages; hand them back to the system."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
