@@ -22,12 +22,15 @@ from pathlib import Path
 from head_memory import peak_memory, report
 from local_stack import RAYINFER, URL, start_head, start_worker, stop
 
+from ray_inference.config import EngineConfig
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(bench_args: list[str]) -> int:
     workers = int(os.environ.get("WORKERS", "1"))
     quantize = os.environ.get("QUANTIZE", "none")
+    EngineConfig(quantize=quantize)  # a wrong QUANTIZE fails here, not in a worker's log
     suffix = ("" if workers == 1 else f"-{workers}-workers") + (
         "" if quantize == "none" else f"-{quantize}")
     cpus = max(1, (os.cpu_count() or 1) // workers)

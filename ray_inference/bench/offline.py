@@ -250,7 +250,7 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
     loaded = loader.load(spec)
     # (a) and (b) run transformers' model as it comes; the engine changes the one it gets.
     engine_loaded = loaded.own_copy()
-    engine = {"quantize": quantize}
+    engine_settings = {"quantize": quantize}
     echo(f"smollm2 on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}; (a) in "
          f"float32, the seed's dtype; engine.quantize {quantize}), "
          f"{torch.get_num_threads()} threads; concurrency {concurrency}; "
@@ -266,7 +266,8 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
     # request at a time (docs/benchmarks.md), so the ratios to (a) do not flatter the engine.
     steps.append(("a", alone, lambda tick: one_at_a_time(_in_float32(loaded, spec), first, tick)))
     # One client at a time: the single-request time to first token the others are held to.
-    steps.append(("c1", alone, lambda tick: engine_run(engine_loaded, first, 1, tick, engine)))
+    steps.append(("c1", alone,
+                  lambda tick: engine_run(engine_loaded, first, 1, tick, engine_settings)))
     if url:
         steps.append(("d1", alone,
                       lambda tick: gateway_run(url, model, first, 1, api_key, tick)))
@@ -276,7 +277,7 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         steps.append((f"b{c}", count, lambda tick, part=part, c=c:
                       static_batches(loaded, part, c, tick)))
         steps.append((f"c{c}", count, lambda tick, part=part, c=c:
-                      engine_run(engine_loaded, part, c, tick, engine)))
+                      engine_run(engine_loaded, part, c, tick, engine_settings)))
         if hf_cb:
             steps.append((f"e{c}", count, lambda tick, part=part, c=c:
                           hf_continuous(loaded, part, c, tick)))
