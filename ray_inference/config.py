@@ -124,6 +124,11 @@ class EngineConfig(_Section):
     # per second, slightly different answers (SmolLM2's perplexity 2.6% higher), so off;
     # ignored on GPUs and by T5/BERT models.
     quantize: Literal["none", "int8"] = "none"
+    # The KV cache's dtype; auto keeps the model's. bfloat16 on a CPU worker that runs fp32
+    # holds the same tokens in half the memory and reads them faster in decode attention;
+    # rounded K/V change answers slightly (docs/engine.md). Models whose attention does not go
+    # through the engine's own (T5/BERT, non-SDPA models) keep the model's dtype.
+    kv_cache_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
     # Stream messages per second one actor sends over all its requests: under load each
     # request's tokens go out together every (running requests / this) seconds. 0: no limit.
     stream_messages_per_s: int = Field(100, ge=0)

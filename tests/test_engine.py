@@ -440,7 +440,7 @@ def graph_path(engine) -> DecodeGraphs:
     """Switch a CPU engine to the GPU's decode path, run eagerly: every slot of the row bucket
     over columns [0, bucket), inputs copied into fixed tensors, K/V written at a column held in
     a tensor, one 'graph' per bucket, all dropped when the cache grows."""
-    engine._graphs = DecodeGraphs(engine._forward, engine._dtype, capture=False)
+    engine._graphs = DecodeGraphs(engine._forward, engine._kv_dtype, capture=False)
     return engine._graphs
 
 

@@ -77,17 +77,18 @@ class CausalEngine(Engine):
         self._column = 0  # the column the next decode step writes, shared by every slot
         self._positions: torch.Tensor | None = None  # next position id per slot
         self._last: torch.Tensor | None = None  # last sampled token per slot
-        self._graphs = (DecodeGraphs(self._forward, self._dtype)
-                        if self._device.type == "cuda" and config.cuda_graphs else None)
-        overlap = config.overlap_steps
-        self._overlap = self._device.type == "cuda" if overlap is None else overlap
-        self._launched: _Launched | None = None
-        self._prefixes = PrefixCache() if config.prefix_cache else None
         # Decode steps run packing.py's attention, which reads each K/V head once
         # (transformers' SDPA path would copy K/V per query head group for a masked step).
         self._grouped_query = packing.supported(self._model)
         if self._grouped_query:
             packing.enable(self._model)
+        self._kv_dtype = self._kv_cache_dtype(config.kv_cache_dtype)
+        self._graphs = (DecodeGraphs(self._forward, self._kv_dtype)
+                        if self._device.type == "cuda" and config.cuda_graphs else None)
+        overlap = config.overlap_steps
+        self._overlap = self._device.type == "cuda" if overlap is None else overlap
+        self._launched: _Launched | None = None
+        self._prefixes = PrefixCache() if config.prefix_cache else None
         self._quantized = self._quantize(config.quantize)
         self._prepacked = (prepack.pack(self._model) if config.prepack_weights
                            and prepack.supported(self._device, self._dtype) else 0)
@@ -117,6 +118,18 @@ class CausalEngine(Engine):
             return 0
         return quantize.quantize(self._model)
 
+    def _kv_cache_dtype(self, name: str) -> torch.dtype:
+        """The dtype the slots' K/V are stored in: the model's, or the one asked for where
+        decode steps run the engine's own attention (which casts the query to it)."""
+        if name == "auto":
+            return self._dtype
+        if not self._grouped_query:
+            log.warning("engine.kv_cache_dtype: %s needs a model whose attention runs SDPA "
+                        "through transformers' attention interface; this one keeps %s K/V",
+                        name, self._dtype)
+            return self._dtype
+        return getattr(torch, name)
+
     @staticmethod
     def _eos_ids(loaded) -> set[int]:
         ids = set()
@@ -140,7 +153,8 @@ class CausalEngine(Engine):
         info = {"kv_bytes": self._kv.nbytes if self._kv else 0,
                 "cuda_graphs": self._graphs is not None, "grouped_query_steps": self._grouped_query,
                 "packed_steps": self._packed_steps, "pack_arrivals": self._packing,
-                "prepacked_linears": self._prepacked, "int8_linears": self._quantized}
+                "prepacked_linears": self._prepacked, "int8_linears": self._quantized,
+                "kv_dtype": str(self._kv_dtype).removeprefix("torch.")}
         if self._graphs is not None:
             info.update(graph_captures=self._graphs.captures, graph_replays=self._graphs.replays)
         return info
@@ -261,7 +275,9 @@ class CausalEngine(Engine):
         if prefix is None:
             return
         end = start + len(prefix)
-        self._prefixes.add(prefix, [(keys[:, :, start:end].clone(), values[:, :, start:end].clone())
+        # In the model's dtype: a prefill runs its prompt's rest on top of it.
+        self._prefixes.add(prefix, [(keys[:, :, start:end].to(self._dtype, copy=True),
+                                     values[:, :, start:end].to(self._dtype, copy=True))
                                     for keys, values in layers])
 
     def _new_row(self, pending: Pending) -> _Row:
@@ -275,7 +291,7 @@ class CausalEngine(Engine):
         keys = layers[0][0]
         if self._graphs is not None:  # graphs want the slot count fixed from the start
             slots = self.config.max_batch_size
-        self._kv = SlotKV(len(layers), keys.shape[1], keys.shape[3], keys.dtype, self._device,
+        self._kv = SlotKV(len(layers), keys.shape[1], keys.shape[3], self._kv_dtype, self._device,
                           slots, columns, self._max_columns + COLUMN_CHUNK)
         self._positions = torch.zeros(slots, dtype=torch.long, device=self._device)
         self._last = torch.zeros(slots, dtype=torch.long, device=self._device)
@@ -385,7 +401,7 @@ class CausalEngine(Engine):
             first = min(r.start for r in batch if r is not None)
             self._kv.valid[:rows, self._column] = True
             end = self._column + 1
-            mask = self._kv.attention_mask(rows, first, end, self._dtype)
+            mask = self._kv.attention_mask(rows, first, end, self._kv_dtype)
             arrivals = [(slot, row) for slot, row, _, _ in seated]
             self._armed = bool(self._layer_hooks)
             try:

@@ -17,7 +17,8 @@ COLUMN_CHUNK = 128
 
 
 class SlotKV:
-    """K and V of every layer as (slots, kv_heads, columns, head_dim) tensors."""
+    """K and V of every layer as (slots, kv_heads, columns, head_dim) tensors, in `dtype`
+    (the model's, or `engine.kv_cache_dtype`: writes cast to it)."""
 
     def __init__(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, slots: int, columns: int, max_columns: int):
@@ -87,8 +88,8 @@ class SlotKV:
         width = mask.shape[1]
         for (keys, values), (new_k, new_v) in zip(zip(self.keys, self.values, strict=True),
                                                   prefill_layers, strict=True):
-            keys[slots, :, end - width:end] = new_k[:, :, -width:]
-            values[slots, :, end - width:end] = new_v[:, :, -width:]
+            keys[slots, :, end - width:end] = new_k[:, :, -width:].to(self.dtype)
+            values[slots, :, end - width:end] = new_v[:, :, -width:].to(self.dtype)
         self.valid[slots] = False
         self.valid[slots, end - width:end] = mask.bool()
 
@@ -138,8 +139,8 @@ class _SlotLayer(CacheLayerMixin):
             self._keys[:, :, self._write_at].copy_(key_states[:, :, 0])
             self._values[:, :, self._write_at].copy_(value_states[:, :, 0])
         else:
-            self._keys.index_copy_(2, self._write_at, key_states)
-            self._values.index_copy_(2, self._write_at, value_states)
+            self._keys.index_copy_(2, self._write_at, key_states.to(self._keys.dtype))
+            self._values.index_copy_(2, self._write_at, value_states.to(self._values.dtype))
         return (self._keys[:, :, self._start:self._end],
                 self._values[:, :, self._start:self._end])
 

@@ -91,10 +91,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     columns, dim) with an additive (rows, 1, 1, columns) mask; returns (rows, 1, heads, dim).
     SDPA's own grouped-query support reads K/V as stored (benchmarks/gpu_step.py: 0.09x the
     time of attention over repeated K/V on an H100, and faster than folding each head group
-    into the query length)."""
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
-                                         enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2)
+    into the query length). K/V stored in another dtype (`engine.kv_cache_dtype`) are read in
+    it: the query is cast to it and the output back."""
+    out = F.scaled_dot_product_attention(query.to(key.dtype), key, value, attn_mask=mask,
+                                         scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).to(query.dtype)
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -113,13 +114,13 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
                                 value[:rows, :, plan.first:end], plan.mask, scaling)[:, 0]]
     for arrival in plan.arrivals:
         start = rows + arrival.offset
-        mine = query[:, start:start + arrival.length].unsqueeze(0)
+        mine = query[:, start:start + arrival.length].unsqueeze(0).to(key.dtype)
         span = slice(arrival.start, end)
         out = F.scaled_dot_product_attention(
             mine, key[arrival.slot:arrival.slot + 1, :, span],
             value[arrival.slot:arrival.slot + 1, :, span], attn_mask=arrival.mask,
             is_causal=arrival.mask is None, scale=scaling, enable_gqa=True)
-        outputs.append(out[0].transpose(0, 1))
+        outputs.append(out[0].transpose(0, 1).to(query.dtype))
     # (1, tokens, heads, dim), as transformers' own attention functions return it.
     return torch.cat(outputs).unsqueeze(0), None
 
