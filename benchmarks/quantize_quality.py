@@ -1,7 +1,12 @@
-"""What `engine.quantize: int8` costs SmolLM2 in quality (ray_inference/engine/quantize.py).
+"""What `engine.quantize: int8` (ray_inference/engine/quantize.py) and `engine.kv_cache_dtype:
+bfloat16` cost SmolLM2 in quality.
 
-Side by side in one process: SmolLM2 in fp32, in bf16, with `quantize` (every linear layer but
-the output layer in int8) and with the output layer in int8 too. For each: perplexity over the
+Side by side in one process: SmolLM2 in fp32, in bf16, in fp32 with attention over bf16 K/V,
+with `quantize` (every linear layer but the output layer in int8), with both, and with the
+output layer in int8 too. Attention over bf16 K/V runs as the engine's decode steps run it
+(the query cast to bf16, the output back): for perplexity at every token (an upper bound: the
+engine's prefill attends over its prompt's fp32 K/V), for greedy answers at decode steps only,
+as in the engine. For each: perplexity over the
 first 12 chunks of 512 tokens of this project's docs and README, and for the first 16 prompts
 of the benchmark's workload, the token at which its greedy answer first differs from fp32's
 (48: not within 48 tokens; where one answer ends first, its length).
@@ -16,6 +21,9 @@ import statistics
 from pathlib import Path
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ray_inference.bench.prompts import Workload
 from ray_inference.engine import quantize
@@ -25,13 +33,40 @@ ROOT = Path(__file__).resolve().parent.parent
 CHUNK, CHUNKS, ANSWER = 512, 12, 48
 
 
+# Attention over bf16 K/V at every token, or at decode steps (one query token) only.
+EVERY_TOKEN, DECODE_STEPS = "bf16_kv_every_token", "bf16_kv_decode_steps"
+
+
+def _attention_over_bf16_kv(every_token: bool):
+    def attention(module, query, key, value, *args, **kwargs):
+        if not every_token and query.shape[2] > 1:
+            return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+        out, weights = sdpa_attention_forward(module, query.bfloat16(), key.bfloat16(),
+                                              value.bfloat16(), *args, **kwargs)
+        return out.to(query.dtype), weights
+    return attention
+
+
+for _name, _every in ((EVERY_TOKEN, True), (DECODE_STEPS, False)):
+    AttentionInterface.register(_name, _attention_over_bf16_kv(_every))
+    AttentionMaskInterface.register(_name, sdpa_mask)
+
+
+def bf16_kv(model):
+    model.set_attn_implementation(EVERY_TOKEN)
+    return model
+
+
 def variants():
     spec = registry.resolve("smollm2")
     yield "fp32", loader.load(spec, "float32").model
     yield "bf16", loader.load(spec, "bfloat16").model
+    yield "fp32, bf16 K/V", bf16_kv(loader.load(spec, "float32").model)
     model = loader.load(spec, "float32").model
     quantize.quantize(model)
     yield "int8 (engine.quantize)", model
+    yield "int8, bf16 K/V", bf16_kv(model)
+    model.set_attn_implementation("sdpa")
     model.lm_head = quantize.Int8Linear(model.lm_head)
     yield "int8, output layer too", model
 
@@ -51,6 +86,8 @@ def main() -> None:
     for name, model in variants():
         with torch.inference_mode():
             loss = statistics.mean(model(c, labels=c).loss.item() for c in chunks)
+            if model.config._attn_implementation == EVERY_TOKEN:
+                model.set_attn_implementation(DECODE_STEPS)
             answers = [model.generate(**p, max_new_tokens=ANSWER, do_sample=False)
                        [0, p["input_ids"].shape[1]:].tolist() for p in prompts]
         reference = reference or answers

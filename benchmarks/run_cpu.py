@@ -4,8 +4,9 @@ batches (b), the engine (c) and the full stack (d): `rayinfer head` plus `rayinf
 Results: benchmarks/results/cpu.{json,png}; the peak memory of the head's processes:
 benchmarks/results/head-memory.json. WORKERS=2 starts two worker nodes that split the cores
 (results: cpu-2-workers.*, head-memory-2-workers.json); QUANTIZE=int8 runs (c) and the workers
-with `engine.quantize: int8` (results: cpu-int8.*, head-memory-int8.json). Each worker batches
-up to 64 requests.
+with `engine.quantize: int8` (results: cpu-int8.*, head-memory-int8.json), KV_CACHE_DTYPE=bfloat16
+with `engine.kv_cache_dtype: bfloat16` (results: cpu-bfloat16-kv.*, or cpu-int8-bfloat16-kv.*
+with both). Each worker batches up to 64 requests.
 
     benchmarks/run_cpu.sh -c 16 -c 64 --min-tokens 64 --max-tokens 128
 """
@@ -29,10 +30,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main(bench_args: list[str]) -> int:
     workers = int(os.environ.get("WORKERS", "1"))
-    quantize = os.environ.get("QUANTIZE", "none")
-    EngineConfig(quantize=quantize)  # a wrong QUANTIZE fails here, not in a worker's log
+    numerics = {"quantize": os.environ.get("QUANTIZE", "none"),
+                "kv_cache_dtype": os.environ.get("KV_CACHE_DTYPE", "auto")}
+    EngineConfig(**numerics)  # a wrong value fails here, not in a worker's log
     suffix = ("" if workers == 1 else f"-{workers}-workers") + (
-        "" if quantize == "none" else f"-{quantize}")
+        "" if numerics["quantize"] == "none" else f"-{numerics['quantize']}") + (
+        "" if numerics["kv_cache_dtype"] == "auto" else f"-{numerics['kv_cache_dtype']}-kv")
     cpus = max(1, (os.cpu_count() or 1) // workers)
     started: list[subprocess.Popen] = []
     peak: dict = {}
@@ -43,10 +46,11 @@ def main(bench_args: list[str]) -> int:
         sampler.start()
         try:
             for index in range(1, workers + 1):
-                started.append(start_worker(Path(directory), {"max_batch_size": 64,
-                                                              "quantize": quantize}, index, cpus))
+                started.append(start_worker(Path(directory), {"max_batch_size": 64, **numerics},
+                                            index, cpus))
             bench = subprocess.run([str(RAYINFER), "bench", *bench_args, "--gateway", URL,
-                                    "--quantize", quantize,
+                                    "--quantize", numerics["quantize"],
+                                    "--kv-cache-dtype", numerics["kv_cache_dtype"],
                                     "--out", str(RESULTS / f"cpu{suffix}.json")], check=False)
         finally:
             done.set()

@@ -7,6 +7,7 @@ time to first token per run, then the medians and their ratio to the first value
 
     .venv/bin/python benchmarks/stack_settings.py openmp_spin_count 3000000 null -c 64 \\
         --rounds 2 --out benchmarks/results/stack-openmp-spin-count.json
+    .venv/bin/python benchmarks/stack_settings.py kv_cache_dtype bfloat16 auto --set quantize=int8
 
 Values are YAML (null, true, 25). Uses the ports of benchmarks/local_stack.py.
 """
@@ -19,6 +20,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import fixed_settings
 import yaml
 from local_stack import URL, start_head, start_worker, stop
 
@@ -33,8 +35,14 @@ def main() -> None:
     parser.add_argument("-c", "--concurrency", type=int, action="append")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--set", dest="fixed", action="append", default=[],
+                        metavar="FIELD=VALUE", help="another engine: key's value in every run")
     args = parser.parse_args()
     values = [yaml.safe_load(v) for v in args.values]
+    try:
+        fixed = fixed_settings.parse(args.fixed, args.setting)
+    except ValueError as exc:
+        parser.error(f"--set {exc}")
     concurrency = args.concurrency or [64]
     # Drawn once for the most clients; fewer clients take its head, as in `rayinfer bench`.
     work = Workload.make(2 * max(concurrency), 64, 128, 0)
@@ -44,8 +52,8 @@ def main() -> None:
             for value in values:
                 head = start_head(Path(directory))
                 try:
-                    worker = start_worker(Path(directory), {args.setting: value,
-                                                            "max_batch_size": max(concurrency)})
+                    worker = start_worker(Path(directory), {
+                        **fixed, args.setting: value, "max_batch_size": max(concurrency)})
                     try:
                         for c in concurrency:
                             row = gateway_run(URL, "smollm2", work.head(2 * c), c, None)
@@ -70,7 +78,7 @@ def main() -> None:
                   f"({tok_s / base:.2f}x)  steady TTFT p50 {steady:.3f} s")
     if args.out:
         args.out.write_text(json.dumps({"setting": args.setting, "values": values,
-                                        "runs": runs}, indent=2))
+                                        "fixed": fixed, "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":

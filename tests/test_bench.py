@@ -62,3 +62,18 @@ def test_the_gpu_benchmark_passes_every_engine_setting_with_its_default():
     from ray_inference.config import EngineConfig
 
     assert EngineConfig().model_dump() == ENGINE_DEFAULTS
+
+
+def test_engine_rows_name_the_engines_numerics_and_settings_scripts_take_fixed_fields():
+    from benchmarks.fixed_settings import parse
+    from ray_inference.bench.offline import describe_settings
+    from ray_inference.config import EngineConfig
+
+    assert describe_settings(EngineConfig()) == ""
+    assert describe_settings(EngineConfig(quantize="int8", kv_cache_dtype="bfloat16")) == \
+        "int8, bfloat16 K/V"
+    assert parse(["quantize=int8", "openmp_spin_count=null"], "kv_cache_dtype") == {
+        "quantize": "int8", "openmp_spin_count": None}
+    for bad in ("quantize", "no_such_field=1", "kv_cache_dtype=auto"):
+        with pytest.raises(ValueError, match="FIELD=VALUE"):
+            parse([bad], "kv_cache_dtype")

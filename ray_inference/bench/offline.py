@@ -101,6 +101,14 @@ def hf_continuous(loaded, work: Workload, concurrency: int, tick: Tick = _no_tic
                tokens, seconds)
 
 
+def describe_settings(config) -> str:
+    """The engine's non-default numerics, for a row's label: "int8, bfloat16 K/V"."""
+    parts = [config.quantize] if config.quantize != "none" else []
+    if config.kv_cache_dtype != "auto":
+        parts.append(f"{config.kv_cache_dtype} K/V")
+    return ", ".join(parts)
+
+
 def engine_run(loaded, work: Workload, concurrency: int, tick: Tick = _no_tick,
                settings: dict | None = None) -> Row:
     """(c): `concurrency` clients against the engine; `settings` are further EngineConfig
@@ -151,7 +159,8 @@ def engine_run(loaded, work: Workload, concurrency: int, tick: Tick = _no_tick,
         thread.join()
     seconds = time.perf_counter() - start
     engine.shutdown()
-    kind = "" if config.quantize == "none" else f" ({config.quantize})"
+    kind = describe_settings(config)
+    kind = f" ({kind})" if kind else ""
     return Row(f"c: rayinfer engine{kind}, {concurrency} clients", concurrency, len(work.lengths),
                tokens[0], seconds, percentile([t for t, _ in ttfts], 0.5),
                percentile([t for t, cold in ttfts if not cold], 0.5))
@@ -183,7 +192,8 @@ def table(rows: list[Row], echo: Callable[[str], None]) -> None:
     variant's single-client p50 TTFT, for all requests and for the steady state (without each
     client's first request, which all arrive at once)."""
     base_a = next((r.tok_s for r in rows if r.variant.startswith("a")), None)
-    echo(f"\n{'variant':<40} {'tok/s':>8} {'x (a)':>7} {'x (b)':>7} {'TTFT p50':>9} "
+    width = max([40, *(len(r.variant) for r in rows)])
+    echo(f"\n{'variant':<{width}} {'tok/s':>8} {'x (a)':>7} {'x (b)':>7} {'TTFT p50':>9} "
          f"{'x 1':>5} {'steady':>7} {'x 1':>5} {'errors':>6}")
     for row in rows:
         same_b = next((r.tok_s for r in rows if r.variant.startswith("b")
@@ -193,7 +203,7 @@ def table(rows: list[Row], echo: Callable[[str], None]) -> None:
         ratio_b = f"{row.tok_s / same_b:.2f}" if same_b else "-"
         ratios = [f"{value / single:.2f}" if single and value is not None else "-"
                   for value in (row.ttft_p50_s, row.ttft_steady_p50_s)]
-        echo(f"{row.variant:<40} {row.tok_s:>8.1f} {ratio_a:>7} {ratio_b:>7} "
+        echo(f"{row.variant:<{width}} {row.tok_s:>8.1f} {ratio_a:>7} {ratio_b:>7} "
              f"{_seconds(row.ttft_p50_s):>9} {ratios[0]:>5} {_seconds(row.ttft_steady_p50_s):>7} "
              f"{ratios[1]:>5} {row.errors:>6}")
 
@@ -242,17 +252,21 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         url: str | None = None, model: str = "smollm2", api_key: str | None = None,
         out: Path | None = None, echo: Callable[[str], None] = print,
         progress: Callable[[str, int], Tick] | None = None, hf_cb: bool = False,
-        requests_per_client: int = 2, quantize: str = "none") -> list[Row]:
+        requests_per_client: int = 2, engine_settings: dict | None = None) -> list[Row]:
+    """`engine_settings`: EngineConfig fields for (c) (quantize, kv_cache_dtype)."""
+    from ray_inference.config import EngineConfig
     from ray_inference.models import loader, registry
+
+    engine_settings = engine_settings or {}
+    numerics = describe_settings(EngineConfig(**engine_settings)) or "as loaded"
 
     torch.manual_seed(seed)
     spec = registry.resolve("smollm2")
     loaded = loader.load(spec)
     # (a) and (b) run transformers' model as it comes; the engine changes the one it gets.
     engine_loaded = loaded.own_copy()
-    engine_settings = {"quantize": quantize}
     echo(f"smollm2 on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}; (a) in "
-         f"float32, the seed's dtype; engine.quantize {quantize}), "
+         f"float32, the seed's dtype; engine numerics: {numerics}), "
          f"{torch.get_num_threads()} threads; concurrency {concurrency}; "
          f"{min_tokens}-{max_tokens} new tokens per prompt; {requests_per_client} requests per "
          f"client; seed {seed}")
@@ -292,7 +306,8 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         out.write_text(json.dumps({
             "device": str(loaded.device), "dtype": str(loaded.dtype), "threads":
                 torch.get_num_threads(), "min_tokens": min_tokens, "max_tokens": max_tokens,
-            "seed": seed, "requests_per_client": requests_per_client, "quantize": quantize,
+            "seed": seed, "requests_per_client": requests_per_client,
+            "engine_settings": engine_settings,
             "rows": [r.to_dict() for r in rows]}, indent=2))
         plot(rows, out.with_suffix(".png"))
         echo(f"wrote {out} and {out.with_suffix('.png')}")

@@ -484,11 +484,15 @@ def _progress_bar(variant: str, requests: int):
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none",
               show_default=True,
               help="engine.quantize for (c); (d) runs as the gateway's workers are configured.")
+@click.option("--kv-cache-dtype", type=click.Choice(["auto", "bfloat16", "float16"]),
+              default="auto", show_default=True,
+              help="engine.kv_cache_dtype for (c); (d) runs as the gateway's workers are "
+                   "configured.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write JSON here, and a PNG beside it.")
 def bench(concurrency: tuple[int, ...], min_tokens: int, max_tokens: int, sequential: int,
           requests_per_client: int, seed: int, gateway_url: str | None, model: str, hf_continuous: bool,
-          quantize: str, out: str | None) -> None:
+          quantize: str, kv_cache_dtype: str, out: str | None) -> None:
     """Benchmark SmolLM2 side by side in one run: HF one at a time (a), HF static batches (b),
     the rayinfer engine (c) and, with --gateway, the full stack over HTTP (d); prints tok/s,
     p50 time to first token and ratios to (a) and (b).
@@ -506,4 +510,5 @@ def bench(concurrency: tuple[int, ...], min_tokens: int, max_tokens: int, sequen
     run(sorted(set(concurrency)), min_tokens, max_tokens, sequential, seed, gateway_url, model,
         os.environ.get("RAYINFER_API_KEY"), Path(out) if out else None, echo=click.echo,
         progress=_progress_bar, hf_cb=hf_continuous,
-        requests_per_client=requests_per_client, quantize=quantize)
+        requests_per_client=requests_per_client,
+        engine_settings={"quantize": quantize, "kv_cache_dtype": kv_cache_dtype})
