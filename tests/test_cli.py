@@ -48,7 +48,7 @@ CLUSTER = {
          "resources": {"CPU": 1.0, "GPU": 0.0, "memory": 2**30}, "actors": 0},
     ],
     "actors": [
-        {"actor_id": "a1b2c3d4e5f6a7b8", "model": "tiny", "device": "cpu",
+        {"actor_id": "a1b2c3d4e5f6a7b8", "model": "tiny", "device": "cpu", "numerics": "fp32 int8",
          "node_label": "Worker Node #1", "hostname": "fakehost", "ip": "10.9.8.7", "load": 0,
          "state": "ready", "rss_bytes": 300 * 2**20},
     ],
@@ -438,8 +438,8 @@ def test_status_shows_nodes_and_actors(env, fake_gateway):
     assert head < worker  # head first, whatever order the server sends
     assert re.search(r"Worker Node #1\s+fakehost\s+10\.9\.8\.7\s+alive\s+1\s+2\s+0\s+2\.0 GiB",
                      result.stdout)
-    assert re.search(r"a1b2c3d4e5f6\s+tiny\s+cpu\s+Worker Node #1\s+fakehost\s+10\.9\.8\.7\s+"
-                     r"ready\s+0\s+300\.0 MiB", result.stdout)
+    assert re.search(r"a1b2c3d4e5f6\s+tiny\s+cpu fp32 int8\s+Worker Node #1\s+fakehost\s+"
+                     r"10\.9\.8\.7\s+ready\s+0\s+300\.0 MiB", result.stdout)
     assert not ANSI.search(result.stdout)
 
 
@@ -613,6 +613,8 @@ def test_cluster_status_actors_models(env, gateway_url):
     assert "Head Node" in status.stdout and "Worker Node #1" in status.stdout
     actors = json.loads(run("--url", gateway_url, "actors", "--json", env=env).stdout)
     assert actors and all(a["node_label"].startswith("Worker Node #") for a in actors)
+    # The cluster's defaults: the model's own dtype, no int8 layers, the KV cache alike.
+    assert all(a["numerics"] in ("fp32", "bf16") for a in actors)
     models = run("--url", gateway_url, "models", env=env)
     assert models.returncode == 0 and actors[0]["model"] in models.stdout
     assert run("--url", gateway_url, "health", env=env).returncode == 0

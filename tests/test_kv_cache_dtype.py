@@ -82,14 +82,16 @@ def test_a_bf16_cache_picks_fp32s_greedy_tokens_on_every_decode_path(model_dir, 
     engine.shutdown()
 
 
-def test_a_bf16_cache_takes_half_the_memory(model_dir):
-    peaks = {}
+def test_a_bf16_cache_takes_half_the_memory_and_the_actor_says_so(model_dir):
+    peaks, numerics = {}, {}
     for kv_cache_dtype in ("bfloat16", "auto"):
         _, engine = load(model_dir, "tiny-llama", kv_cache_dtype=kv_cache_dtype)
         run(engine, prompt="hello world", max_tokens=3)  # one slot, one chunk of columns
         peaks[kv_cache_dtype] = engine.stats.kv_bytes_peak
+        numerics[kv_cache_dtype] = engine.numerics()  # `rayinfer actors` shows it
         engine.shutdown()
     assert peaks["auto"] > 0 and peaks["bfloat16"] * 2 == peaks["auto"]
+    assert numerics == {"bfloat16": "fp32 kv:bf16", "auto": "fp32"}
 
 
 def test_a_model_without_the_engines_attention_keeps_its_kv_dtype(model_dir, caplog):
@@ -102,7 +104,7 @@ def test_a_model_without_the_engines_attention_keeps_its_kv_dtype(model_dir, cap
     assert "engine.kv_cache_dtype" in caplog.text
     engine._eos = set()
     try:
-        assert engine.describe()["kv_dtype"] == "float32"
+        assert engine.describe()["kv_dtype"] == "float32" and engine.numerics() == "fp32"
         assert_all_match_generate(loaded, engine, [("hello world", 8), ("red", 5)])
     finally:
         engine.shutdown()

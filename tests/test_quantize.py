@@ -94,7 +94,7 @@ def test_an_int8_engine_gives_each_request_the_answer_it_gets_alone(model_dir):
     engine._eos = set()
     prompts = ("hello world", "red", "the cat is a dog of no", "blue green red")
     try:
-        assert engine.describe()["int8_linears"] == 14
+        assert engine.describe()["int8_linears"] == 14 and engine.numerics() == "fp32 int8"
         alone = [[t for c in engine.submit(GenerationRequest(prompt=p, temperature=0,
                                                              max_tokens=12))
                   for t in c.token_ids] for p in prompts]

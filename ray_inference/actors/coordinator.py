@@ -41,8 +41,8 @@ class ActorEntry:
     renewed_at: float = field(default_factory=time.time)
 
     def public(self) -> dict[str, Any]:
-        keep = ("task", "device", "dtype", "hostname", "ip", "node_id", "context_length",
-                "parameters", "pid", "rss_bytes")
+        keep = ("task", "device", "dtype", "numerics", "hostname", "ip", "node_id",
+                "context_length", "parameters", "pid", "rss_bytes")
         return {"actor_id": self.actor_id, "model": self.model, "node_label": self.node_label,
                 "state": self.state, "load": self.outstanding, "served": self.served,
                 **{k: self.info.get(k) for k in keep}}

@@ -41,6 +41,7 @@ class InferenceActor:
         context = ray.get_runtime_context()
         self._info = {
             **self._loaded.describe(),
+            "numerics": self._engine.numerics(),  # the settings that took effect: "fp32 int8"
             "actor_id": context.get_actor_id(),
             "node_id": context.get_node_id(),
             "hostname": socket.gethostname(),
@@ -50,7 +51,7 @@ class InferenceActor:
         }
         self._served = 0
         logs.event(log, "model loaded", **{k: self._info[k] for k in (
-            "model", "task", "device", "dtype", "parameters", "load_s")},
+            "model", "task", "device", "dtype", "numerics", "parameters", "load_s")},
                    rss_mb=logs.rss_bytes() // 2**20)
 
     def describe(self) -> dict[str, Any]:

@@ -110,7 +110,7 @@ def actors_table(actors: list[dict[str, Any]]) -> str:
         rows.append([
             (a.get("actor_id") or "-")[:12],
             (a.get("model") or "-", {"fg": "cyan"}),
-            a.get("device") or "-",
+            " ".join(filter(None, (a.get("device") or "-", a.get("numerics")))),
             (a.get("node_label") or "-", {"bold": True}),
             a.get("hostname") or "-",
             a.get("ip") or "-",

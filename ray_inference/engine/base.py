@@ -167,6 +167,11 @@ class EngineStats:
                 "batch_sizes": dict(self.batch_sizes)}
 
 
+def short_dtype(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype).removeprefix("torch."))
+
+
 class Engine:
     """Base class: subclasses implement `prepare_prompt` and `step`."""
 
@@ -187,6 +192,11 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name=f"engine-{loaded.name}",
                                         daemon=True)
         self._thread.start()
+
+    def numerics(self) -> str:
+        """How the model computes, in short, for `rayinfer actors`: its dtype (causal
+        engines add int8 layers and a KV cache in another dtype)."""
+        return short_dtype(self.loaded.dtype)
 
     # ---- called from any thread -------------------------------------------------------
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None

@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from ray_inference.engine import packing, prepack, quantize
-from ray_inference.engine.base import Engine, Pending
+from ray_inference.engine.base import Engine, Pending, short_dtype
 from ray_inference.engine.graphs import MIN_COLUMNS, MIN_ROWS, DecodeGraphs, bucket
 from ray_inference.engine.kv import COLUMN_CHUNK, SlotKV
 from ray_inference.engine.prefix import PrefixCache
@@ -129,6 +129,14 @@ class CausalEngine(Engine):
                         name, self._dtype)
             return self._dtype
         return getattr(torch, name)
+
+    def numerics(self) -> str:
+        """The model's dtype, then "int8" when its linear layers run in int8 and "kv:bf16"
+        when the KV cache keeps another dtype: "fp32 int8 kv:bf16"."""
+        parts = [super().numerics()] + (["int8"] if self._quantized else [])
+        if self._kv_dtype != self._dtype:
+            parts.append(f"kv:{short_dtype(self._kv_dtype)}")
+        return " ".join(parts)
 
     @staticmethod
     def _eos_ids(loaded) -> set[int]:
