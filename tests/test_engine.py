@@ -55,11 +55,9 @@ def assert_all_match_generate(loaded, engine, prompts: list[tuple[str, int]]) ->
         assert [t for c in stream for t in c.token_ids] == reference(loaded, prompt, n), prompt
 
 
-def test_decode_attention_equals_attention_over_repeated_heads():
-    """Decode steps' grouped-query attention computes what SDPA computes over K/V copied once
-    per query head (transformers' path), masked columns included."""
-    from ray_inference.engine.packing import decode_attention
-
+def decode_step_inputs():
+    """A decode step's query (5 rows, 12 heads), K/V (4 heads, 37 columns) and the columns
+    valid per row (about 60%, the last always)."""
     generator = torch.Generator().manual_seed(0)
     rows, heads, kv_heads, columns, dim = 5, 12, 4, 37, 16
     query = torch.randn(rows, heads, 1, dim, generator=generator)
@@ -67,8 +65,17 @@ def test_decode_attention_equals_attention_over_repeated_heads():
                   for _ in range(2))
     valid = torch.rand(rows, columns, generator=generator) > 0.4
     valid[:, -1] = True
+    return query, key, value, valid
+
+
+def test_decode_attention_equals_attention_over_repeated_heads():
+    """Decode steps' grouped-query attention computes what SDPA computes over K/V copied once
+    per query head (transformers' path), masked columns included."""
+    from ray_inference.engine.packing import decode_attention
+
+    query, key, value, valid = decode_step_inputs()
     mask = (~valid)[:, None, None, :].float() * torch.finfo(torch.float32).min
-    group = heads // kv_heads
+    group = query.shape[1] // key.shape[1]
     expected = torch.nn.functional.scaled_dot_product_attention(
         query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1),
         attn_mask=mask, scale=0.3).transpose(1, 2)

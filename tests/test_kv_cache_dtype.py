@@ -12,21 +12,16 @@ from ray_inference.config import ConfigError, EngineConfig, from_dict
 from ray_inference.engine import GenerationRequest, create_engine
 from ray_inference.engine.packing import decode_attention
 from ray_inference.models import loader, registry
-from tests.test_engine import assert_all_match_generate, graph_path, load, run
+from tests.test_engine import assert_all_match_generate, decode_step_inputs, graph_path, load, run
 
 
 def test_decode_attention_reads_bf16_kv_in_bf16_and_answers_in_the_querys_dtype():
-    generator = torch.Generator().manual_seed(0)
-    rows, heads, kv_heads, columns, dim = 5, 12, 4, 37, 16
-    query = torch.randn(rows, heads, 1, dim, generator=generator)
-    key, value = (torch.randn(rows, kv_heads, columns, dim, generator=generator)
-                  for _ in range(2))
-    valid = torch.rand(rows, columns, generator=generator) > 0.4
-    valid[:, -1] = True
+    query, key, value, valid = decode_step_inputs()
     mask = (~valid)[:, None, None, :].to(torch.bfloat16) * torch.finfo(torch.bfloat16).min
 
     out = decode_attention(query, key.bfloat16(), value.bfloat16(), mask, 0.3)
 
+    rows, heads, _, dim = query.shape
     assert out.dtype == torch.float32 and out.shape == (rows, 1, heads, dim)
     in_bf16 = decode_attention(query.bfloat16(), key.bfloat16(), value.bfloat16(), mask, 0.3)
     assert torch.equal(out, in_bf16.float())
