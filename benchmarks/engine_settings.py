@@ -9,6 +9,8 @@ fields keep their defaults unless --set gives them a value for every run.
     .venv/bin/python benchmarks/engine_settings.py pack_arrivals -c 16 -c 64
     .venv/bin/python benchmarks/engine_settings.py quantize int8 none -c 64 --rounds 3
     .venv/bin/python benchmarks/engine_settings.py kv_cache_dtype bfloat16 auto --set quantize=int8
+    .venv/bin/python benchmarks/engine_settings.py kv_cache_dtype bfloat16 auto -c 64 \\
+        --min-tokens 256 --max-tokens 512
 """
 
 from __future__ import annotations
@@ -32,15 +34,20 @@ from ray_inference.models import loader, registry
 @click.option("--rounds", type=int, default=2, show_default=True)
 @click.option("--requests-per-client", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--min-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--set", "fixed", multiple=True, metavar="FIELD=VALUE",
               help="another EngineConfig field's value (YAML) for every run")
 def main(setting: str, values: tuple[str, ...], concurrency: tuple[int, ...], rounds: int,
-         requests_per_client: int, seed: int, fixed: tuple[str, ...]) -> None:
+         requests_per_client: int, seed: int, min_tokens: int, max_tokens: int,
+         fixed: tuple[str, ...]) -> None:
     """SETTING's VALUES (YAML: true, null, int8), the first one the base."""
     if not values and EngineConfig.model_fields[setting].annotation is bool:
         values = ("true", "false")
     if not values:
         raise click.BadParameter("give the values to compare", param_hint="VALUES")
+    if min_tokens > max_tokens:
+        raise click.BadParameter("--min-tokens is larger than --max-tokens")
     parsed = [yaml.safe_load(v) for v in values]
     try:
         others = fixed_settings.parse(fixed, setting)
@@ -51,7 +58,7 @@ def main(setting: str, values: tuple[str, ...], concurrency: tuple[int, ...], ro
     # A model per value: an engine changes its model for good (prepack_weights, quantize).
     loaded = loader.load(registry.resolve("smollm2"))
     models = [loaded, *(loaded.own_copy() for _ in parsed[1:])]
-    work = Workload.make(requests_per_client * max(concurrency), 64, 128, seed)
+    work = Workload.make(requests_per_client * max(concurrency), min_tokens, max_tokens, seed)
     for clients in concurrency:
         part = work.head(requests_per_client * clients)
         runs: list[list[float]] = [[] for _ in parsed]
