@@ -174,11 +174,12 @@ ENGINE_DEFAULTS = dict(dtype="auto", max_batch_size=64, max_queue=256, max_token
                        openmp_spin_count=3_000_000)
 
 
-def engine_run(loaded, prompts, lengths, batch, graphs, overlap=None, our_attention=True):
+def engine_run(loaded, prompts, lengths, batch, graphs, overlap=None, our_attention=True,
+               **settings):
     config = SimpleNamespace(**{**ENGINE_DEFAULTS, "max_batch_size": batch,
                                 "max_queue": len(prompts) + 1,
                                 "max_tokens_in_flight": 10_000_000, "cuda_graphs": graphs,
-                                "overlap_steps": overlap})
+                                "overlap_steps": overlap, **settings})
     if our_attention:
         engine = create_engine(loaded, config)
     else:  # as if the model's attention could not be replaced: transformers' SDPA path
@@ -250,9 +251,14 @@ def main() -> int:
                 elif variant == "engine_graphs_settled":  # no overlap of host work and GPU
                     runs[variant] = engine_run(loaded, prompts, lengths, args.requests, True,
                                                overlap=False)
+                elif variant == "engine_graphs_bf16_kv":  # engine.kv_cache_dtype: bfloat16
+                    runs[variant] = engine_run(loaded, prompts, lengths, args.requests, True,
+                                               kv_cache_dtype="bfloat16")
                 elif variant == "engine_graphs_hf_attention":  # K/V repeated per head group
                     runs[variant] = engine_run(loaded, prompts, lengths, args.requests, True,
                                                our_attention=False)
+                else:
+                    raise ValueError(f"no variant {variant!r}")
             except Exception as exc:  # one broken variant must not hide the others
                 traceback.print_exc()
                 runs[variant] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -262,7 +268,7 @@ def main() -> int:
             extra = "".join(f" {k}={run[k]}" for k in (
                 "ttft_p50_s", "ttft_min_s", "ttft_max_s", "cuda_graphs", "graph_captures",
                 "graph_captures_measured", "steps_measured") if k in run)
-            print(f"  {variant:<14} {run['tok_s']:>9.1f} tok/s  {run['tokens']} tokens in "
+            print(f"  {variant:<22} {run['tok_s']:>9.1f} tok/s  {run['tokens']} tokens in "
                   f"{run['seconds']:.2f}s{extra}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -287,7 +293,7 @@ def main() -> int:
             for name, run in runs.items():
                 if isinstance(run, dict) and "tok_s" in run:
                     run["x_padded"] = round(run["tok_s"] / base, 2)
-                    print(f"  {name:<14} {run['x_padded']:>6.2f}x padded batches")
+                    print(f"  {name:<22} {run['x_padded']:>6.2f}x padded batches")
         report["models"][shape] = {"parameters": params, "runs": runs}
         del loaded
         if device.type == "cuda":
