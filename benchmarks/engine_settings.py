@@ -22,6 +22,7 @@ import fixed_settings
 import yaml
 
 from ray_inference.bench.offline import engine_run
+from ray_inference.bench.options import output_lengths
 from ray_inference.bench.prompts import Workload
 from ray_inference.config import EngineConfig
 from ray_inference.models import loader, registry
@@ -34,8 +35,7 @@ from ray_inference.models import loader, registry
 @click.option("--rounds", type=int, default=2, show_default=True)
 @click.option("--requests-per-client", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--min-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@output_lengths
 @click.option("--set", "fixed", multiple=True, metavar="FIELD=VALUE",
               help="another EngineConfig field's value (YAML) for every run")
 def main(setting: str, values: tuple[str, ...], concurrency: tuple[int, ...], rounds: int,
@@ -46,8 +46,6 @@ def main(setting: str, values: tuple[str, ...], concurrency: tuple[int, ...], ro
         values = ("true", "false")
     if not values:
         raise click.BadParameter("give the values to compare", param_hint="VALUES")
-    if min_tokens > max_tokens:
-        raise click.BadParameter("--min-tokens is larger than --max-tokens")
     parsed = [yaml.safe_load(v) for v in values]
     try:
         others = fixed_settings.parse(fixed, setting)

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ray_inference.engine.types import KvCacheDtype, Quantize
+
 ENV_CONFIG = "RAYINFER_CONFIG"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -123,12 +125,12 @@ class EngineConfig(_Section):
     # (weights rounded once per output channel, inputs per token; docs/engine.md). More tokens
     # per second, slightly different answers (SmolLM2's perplexity 2.6% higher), so off;
     # ignored on GPUs and by T5/BERT models.
-    quantize: Literal["none", "int8"] = "none"
+    quantize: Quantize = "none"
     # The KV cache's dtype; auto keeps the model's. bfloat16 on a CPU worker that runs fp32
     # holds the same tokens in half the memory and reads them faster in decode attention;
     # rounded K/V change answers slightly (docs/engine.md). Models whose attention does not go
     # through the engine's own (T5/BERT, non-SDPA models) keep the model's dtype.
-    kv_cache_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
+    kv_cache_dtype: KvCacheDtype = "auto"
     # Stream messages per second one actor sends over all its requests: under load each
     # request's tokens go out together every (running requests / this) seconds. 0: no limit.
     stream_messages_per_s: int = Field(100, ge=0)

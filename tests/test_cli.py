@@ -238,7 +238,8 @@ def test_client_does_not_import_ray_or_torch(env, fake_gateway):
 import sys
 from ray_inference.cli.main import cli
 for args in (["--help"], ["ask", "--help"], ["--url", "{fake_gateway.url}", "ask", "hi"],
-             ["--url", "{fake_gateway.url}", "status"], ["health", "--role", "worker"]):
+             ["--url", "{fake_gateway.url}", "status"], ["health", "--role", "worker"],
+             ["bench", "--min-tokens", "9", "--max-tokens", "3"]):
     try:
         cli(args, prog_name="rayinfer")
     except SystemExit:
@@ -249,6 +250,12 @@ print("HEAVY", heavy)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, timeout=60)
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
+
+
+def test_bench_refuses_an_empty_answer_range_by_name(env):
+    result = run("bench", "--min-tokens", "9", "--max-tokens", "3", env=env)
+    assert result.returncode == 2
+    assert "--min-tokens 9 is larger than --max-tokens 3" in result.stderr
 
 
 # ---- connecting ----------------------------------------------------------------------------

@@ -10,11 +10,12 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import click
 
 from ray_inference import __version__
+from ray_inference.bench.options import output_lengths
 from ray_inference.cli import render, settings
 from ray_inference.cli.errors import (
     EPILOG,
@@ -24,6 +25,7 @@ from ray_inference.cli.errors import (
     CliError,
 )
 from ray_inference.cli.render import out, out_json
+from ray_inference.engine.types import KvCacheDtype, Quantize
 
 if TYPE_CHECKING:
     from ray_inference.cli.client import Client
@@ -467,8 +469,7 @@ def _progress_bar(variant: str, requests: int):
 @click.option("-c", "--concurrency", "concurrency", multiple=True, type=click.IntRange(min=1),
               default=(16,), show_default=True,
               help="Concurrent requests (repeat for a sweep); also the static batch size of (b).")
-@click.option("--min-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@output_lengths
 @click.option("--sequential", type=click.IntRange(min=1), default=4, show_default=True,
               help="How many prompts variant (a) runs one at a time (it is slow).")
 @click.option("--requests-per-client", type=click.IntRange(min=1), default=2, show_default=True,
@@ -481,10 +482,10 @@ def _progress_bar(variant: str, requests: int):
               help="Model name at the gateway for (d).")
 @click.option("--hf-continuous", is_flag=True,
               help="Also run (e): transformers' own continuous batching (generate_batch).")
-@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none",
+@click.option("--quantize", type=click.Choice(get_args(Quantize)), default="none",
               show_default=True,
               help="engine.quantize for (c); (d) runs as the gateway's workers are configured.")
-@click.option("--kv-cache-dtype", type=click.Choice(["auto", "bfloat16", "float16"]),
+@click.option("--kv-cache-dtype", type=click.Choice(get_args(KvCacheDtype)),
               default="auto", show_default=True,
               help="engine.kv_cache_dtype for (c); (d) runs as the gateway's workers are "
                    "configured.")
@@ -505,8 +506,6 @@ def bench(concurrency: tuple[int, ...], min_tokens: int, max_tokens: int, sequen
 
     from ray_inference.bench.offline import run
 
-    if min_tokens > max_tokens:
-        raise click.BadParameter("--min-tokens is larger than --max-tokens")
     run(sorted(set(concurrency)), min_tokens, max_tokens, sequential, seed, gateway_url, model,
         os.environ.get("RAYINFER_API_KEY"), Path(out) if out else None, echo=click.echo,
         progress=_progress_bar, hf_cb=hf_continuous,

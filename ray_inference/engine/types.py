@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+# The values of engine.quantize and engine.kv_cache_dtype (config.py, and the CLI's choices).
+Quantize = Literal["none", "int8"]
+KvCacheDtype = Literal["auto", "bfloat16", "float16"]
 
 
 @dataclass
