@@ -78,10 +78,16 @@ def build(shape: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
                        config.max_position_embeddings, time.perf_counter() - started)
 
 
-def workload(count, prompt_range, output_range, vocab, seed):
+def workload(count, prompt_range, output_range, vocab, seed, shared_prefix=0):
+    """Prompts of random words (each its own token), every one starting with the same
+    `shared_prefix` words (a system prompt's stand-in), and each request's output length."""
     rng = random.Random(seed)
-    prompts = [" ".join(f"w{rng.randrange(3, vocab)}" for _ in range(rng.randint(*prompt_range)))
-               for _ in range(count)]
+
+    def words(n):
+        return [f"w{rng.randrange(3, vocab)}" for _ in range(n)]
+
+    prefix = words(shared_prefix)
+    prompts = [" ".join(prefix + words(rng.randint(*prompt_range))) for _ in range(count)]
     return prompts, [rng.randint(*output_range) for _ in range(count)]
 
 
@@ -188,11 +194,12 @@ def engine_run(loaded, prompts, lengths, batch, graphs, overlap=None, our_attent
     # Warm up (CUDA graphs are captured here, once per bucket), then measure.
     asyncio.run(_drive(engine, prompts, lengths))
     sync(loaded.device)
-    before, steps = engine.describe(), engine.stats.steps
+    before, steps, skipped = engine.describe(), engine.stats.steps, engine.stats.prefix_tokens
     seconds, results = asyncio.run(_drive(engine, prompts, lengths))
     info = engine.describe()
     info["kv_bytes_peak"] = engine.stats.kv_bytes_peak
     info["steps_measured"] = engine.stats.steps - steps  # prefills and decode steps
+    info["prefix_tokens_measured"] = engine.stats.prefix_tokens - skipped  # not prefilled
     if "graph_captures" in info:  # a capture in the measured pass is time it pays for
         info["graph_captures_measured"] = info["graph_captures"] - before["graph_captures"]
     engine.shutdown()
@@ -213,6 +220,8 @@ def main() -> int:
     parser.add_argument("--variants", default="padded,hf_cb,engine,engine_graphs")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="auto: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="WORDS",
+                        help="every prompt starts with the same WORDS tokens (the prefix cache)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -225,7 +234,8 @@ def main() -> int:
     report = {"date": datetime.date.today().isoformat(), "device": card,
               "torch": torch.__version__, "transformers": transformers.__version__,
               "dtype": str(dtype), "requests": args.requests, "prompt_tokens": args.prompt_tokens,
-              "output_tokens": args.output_tokens, "seed": args.seed, "models": {}}
+              "output_tokens": args.output_tokens, "shared_prefix": args.shared_prefix,
+              "seed": args.seed, "models": {}}
     print(f"{card}; torch {torch.__version__}; transformers {transformers.__version__}", flush=True)
     prompt_range = tuple(int(x) for x in args.prompt_tokens.split("-"))
     output_range = tuple(int(x) for x in args.output_tokens.split("-"))
@@ -235,7 +245,7 @@ def main() -> int:
         print(f"\n{shape}: {params / 1e6:.0f}M parameters, built in {loaded.load_s:.1f}s",
               flush=True)
         prompts, lengths = workload(args.requests, prompt_range, output_range,
-                                    SHAPES[shape]["vocab_size"], args.seed)
+                                    SHAPES[shape]["vocab_size"], args.seed, args.shared_prefix)
         runs = {}
         for variant in args.variants.split(","):
             try:
@@ -251,6 +261,9 @@ def main() -> int:
                 elif variant == "engine_graphs_settled":  # no overlap of host work and GPU
                     runs[variant] = engine_run(loaded, prompts, lengths, args.requests, True,
                                                overlap=False)
+                elif variant == "engine_graphs_no_prefix":  # engine.prefix_cache: false
+                    runs[variant] = engine_run(loaded, prompts, lengths, args.requests, True,
+                                               prefix_cache=False)
                 elif variant == "engine_graphs_bf16_kv":  # engine.kv_cache_dtype: bfloat16
                     runs[variant] = engine_run(loaded, prompts, lengths, args.requests, True,
                                                kv_cache_dtype="bfloat16")
@@ -267,7 +280,7 @@ def main() -> int:
             run["tok_s"] = round(run["tokens"] / run["seconds"], 1)
             extra = "".join(f" {k}={run[k]}" for k in (
                 "ttft_p50_s", "ttft_min_s", "ttft_max_s", "cuda_graphs", "graph_captures",
-                "graph_captures_measured", "steps_measured") if k in run)
+                "graph_captures_measured", "steps_measured", "prefix_tokens_measured") if k in run)
             print(f"  {variant:<22} {run['tok_s']:>9.1f} tok/s  {run['tokens']} tokens in "
                   f"{run['seconds']:.2f}s{extra}", flush=True)
             if device.type == "cuda":

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ray_inference.engine import packing, prepack, quantize
+from ray_inference.engine import packing, prepack, quantize, sdpa
 from ray_inference.engine.base import Engine, Pending, short_dtype
 from ray_inference.engine.graphs import MIN_COLUMNS, MIN_ROWS, DecodeGraphs, bucket
 from ray_inference.engine.kv import COLUMN_CHUNK, SlotKV
@@ -254,7 +254,8 @@ class CausalEngine(Engine):
             mask = torch.cat([mask.new_ones(len(batch), skip), mask], dim=1)
         else:
             cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache)
+        with sdpa.prefill_backends(self._device):
+            logits = self._forward(ids, mask, positions, cache)
         if self._prefixes is not None and not hit:
             start = int(mask[0].argmax())  # the first row holds it, after its left padding
             self._remember_prefix(sequences, [(layer.keys[:1], layer.values[:1])

@@ -1,0 +1,27 @@
+"""Which SDPA kernels a prefill may use.
+
+On a GPU, PyTorch may pick cuDNN's attention for a masked prompt pass whose query is shorter
+than its keys (a prefill over a cached prefix). cuDNN builds an execution plan for each new
+shape, and prefills come in ever new shapes (how many prompts, how long): on an H100 a
+prefill of the SmolLM2 shape spent 1.08 s building plans, 36 ms a layer (docs/benchmarks.md).
+Flash and memory-efficient attention need no plans, so prefills leave cuDNN out on CUDA.
+Decode steps keep it: their shapes are a few graph buckets, each planned once, and with
+cuDNN left out of them too (grouped-query SDPA, `enable_gqa`) the Llama-1.24B shape made a
+quarter of the tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+CUDA_PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                         SDPBackend.MATH]
+
+
+def prefill_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context for one prefill pass: on CUDA every SDPA kernel but cuDNN's; elsewhere
+    PyTorch's own choice."""
+    return sdpa_kernel(CUDA_PREFILL_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
