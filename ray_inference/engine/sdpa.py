@@ -7,7 +7,7 @@ prefill of the SmolLM2 shape spent 1.08 s building plans, 36 ms a layer (docs/be
 Flash and memory-efficient attention need no plans, so prefills leave cuDNN out on CUDA.
 Decode steps keep it: their shapes are a few graph buckets, each planned once, and with
 cuDNN left out of them too (grouped-query SDPA, `enable_gqa`) the Llama-1.24B shape made a
-quarter of the tokens.
+quarter of the tokens with graphs and 0.65x without.
 """
 
 from __future__ import annotations
