@@ -22,8 +22,8 @@ import fixed_settings
 import yaml
 
 from ray_inference.bench.offline import engine_run
-from ray_inference.bench.options import output_lengths
-from ray_inference.bench.prompts import Workload
+from ray_inference.bench.options import answer_lengths, prompt_lengths
+from ray_inference.bench.prompts import PromptLengthError, Workload
 from ray_inference.config import EngineConfig
 from ray_inference.models import loader, registry
 
@@ -35,12 +35,13 @@ from ray_inference.models import loader, registry
 @click.option("--rounds", type=int, default=2, show_default=True)
 @click.option("--requests-per-client", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@output_lengths
+@answer_lengths
+@prompt_lengths
 @click.option("--set", "fixed", multiple=True, metavar="FIELD=VALUE",
               help="another EngineConfig field's value (YAML) for every run")
 def main(setting: str, values: tuple[str, ...], concurrency: tuple[int, ...], rounds: int,
-         requests_per_client: int, seed: int, min_tokens: int, max_tokens: int,
-         fixed: tuple[str, ...]) -> None:
+         requests_per_client: int, seed: int, answer_tokens: tuple[int, int],
+         prompt_tokens: tuple[int, int] | None, fixed: tuple[str, ...]) -> None:
     """SETTING's VALUES (YAML: true, null, int8), the first one the base."""
     if not values and EngineConfig.model_fields[setting].annotation is bool:
         values = ("true", "false")
@@ -56,7 +57,11 @@ def main(setting: str, values: tuple[str, ...], concurrency: tuple[int, ...], ro
     # A model per value: an engine changes its model for good (prepack_weights, quantize).
     loaded = loader.load(registry.resolve("smollm2"))
     models = [loaded, *(loaded.own_copy() for _ in parsed[1:])]
-    work = Workload.make(requests_per_client * max(concurrency), min_tokens, max_tokens, seed)
+    try:
+        work = Workload.draw(requests_per_client * max(concurrency), answer_tokens, seed,
+                             prompt_tokens, loaded.tokenizer)
+    except PromptLengthError as exc:
+        raise click.BadParameter(str(exc), param_hint="--min-prompt-tokens") from exc
     for clients in concurrency:
         part = work.head(requests_per_client * clients)
         runs: list[list[float]] = [[] for _ in parsed]

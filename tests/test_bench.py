@@ -33,6 +33,7 @@ def test_offline_bench_compares_variants_side_by_side(tmp_path):
     assert rows[2].requests == rows[3].requests == 6  # 2 clients x 3 requests, 3 batches of 2
     saved = json.loads(out.read_text())
     assert len(saved["rows"]) == 4 and saved["requests_per_client"] == 3
+    assert 34 <= saved["prompt_tokens"][0] <= saved["prompt_tokens"][1] <= 38  # bare questions
     assert out.with_suffix(".png").stat().st_size > 1000
     assert any("x (a)" in line for line in lines)
     # TTFT at 2 clients, for all requests and without each client's first, is put against the
@@ -40,6 +41,29 @@ def test_offline_bench_compares_variants_side_by_side(tmp_path):
     assert rows[3].ttft_p50_s > 0 and rows[3].ttft_steady_p50_s > 0
     line = next(line for line in lines if "engine, 2 clients" in line).split()
     assert float(line[-4]) > 0 and float(line[-2]) > 0
+
+
+def test_prompts_reach_their_drawn_lengths_in_tokens():
+    from ray_inference.bench.prompts import PromptLengthError, Workload, chat_token_counter
+    from ray_inference.models import loader, registry
+
+    tokenizer = loader.load(registry.resolve("smollm2")).tokenizer
+    count = chat_token_counter(tokenizer)
+    bare = Workload.draw(40, (64, 128), 3)
+    work = Workload.draw(40, (64, 128), 3, (40, 400), tokenizer)
+    lengths = [count(m) for m in work.messages]
+    assert all(40 <= n <= 400 for n in lengths) and max(lengths) - min(lengths) > 200
+    assert work.lengths == bare.lengths  # the answers' lengths are the bare workload's
+    for mine, theirs in zip(work.messages, bare.messages, strict=True):
+        assert mine[-1]["content"].endswith(theirs[-1]["content"])  # the question comes last
+    # The seed decides: the same prompts again, other prompts for another seed.
+    assert Workload.draw(40, (64, 128), 3, (40, 400), tokenizer).messages == work.messages
+    assert Workload.draw(40, (64, 128), 4, (40, 400), tokenizer).messages != work.messages
+    # One length for all, down to the longest bare question (38 tokens with the template).
+    assert {count(m) for m in Workload.draw(40, (64, 128), 3, (38, 38), tokenizer).messages} \
+        == {38}
+    with pytest.raises(PromptLengthError, match=r"prompts of 30 tokens .* \(38 tokens\)"):
+        Workload.draw(40, (64, 128), 3, (30, 60), tokenizer)
 
 
 @pytest.mark.filterwarnings("error")

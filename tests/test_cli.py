@@ -239,7 +239,8 @@ import sys
 from ray_inference.cli.main import cli
 for args in (["--help"], ["ask", "--help"], ["--url", "{fake_gateway.url}", "ask", "hi"],
              ["--url", "{fake_gateway.url}", "status"], ["health", "--role", "worker"],
-             ["bench", "--min-tokens", "9", "--max-tokens", "3"]):
+             ["bench", "--min-tokens", "9", "--max-tokens", "3"],
+             ["bench", "--min-prompt-tokens", "90", "--max-prompt-tokens", "30"]):
     try:
         cli(args, prog_name="rayinfer")
     except SystemExit:
@@ -252,10 +253,11 @@ print("HEAVY", heavy)
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
 
 
-def test_bench_refuses_an_empty_answer_range_by_name(env):
-    result = run("bench", "--min-tokens", "9", "--max-tokens", "3", env=env)
+@pytest.mark.parametrize("kind", ["", "prompt-"])
+def test_bench_refuses_an_empty_length_range_by_name(env, kind):
+    result = run("bench", f"--min-{kind}tokens", "90", f"--max-{kind}tokens", "30", env=env)
     assert result.returncode == 2
-    assert "--min-tokens 9 is larger than --max-tokens 3" in result.stderr
+    assert f"--min-{kind}tokens 90 is larger than --max-{kind}tokens 30" in result.stderr
 
 
 # ---- connecting ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ray_inference.bench.load import percentile
-from ray_inference.bench.prompts import Workload
+from ray_inference.bench.prompts import Workload, chat_token_counter
 
 Tick = Callable[[int], None]  # told how many more requests of a variant are done
 
@@ -252,8 +252,10 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         url: str | None = None, model: str = "smollm2", api_key: str | None = None,
         out: Path | None = None, echo: Callable[[str], None] = print,
         progress: Callable[[str, int], Tick] | None = None, hf_cb: bool = False,
-        requests_per_client: int = 2, engine_settings: dict | None = None) -> list[Row]:
-    """`engine_settings`: EngineConfig fields for (c) (quantize, kv_cache_dtype)."""
+        requests_per_client: int = 2, engine_settings: dict | None = None,
+        prompt_tokens: tuple[int, int] | None = None) -> list[Row]:
+    """`engine_settings`: EngineConfig fields for (c) (quantize, kv_cache_dtype);
+    `prompt_tokens`: the range of prompt lengths (None: the bare questions)."""
     from ray_inference.config import EngineConfig
     from ray_inference.models import loader, registry
 
@@ -265,15 +267,18 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
     loaded = loader.load(spec)
     # (a) and (b) run transformers' model as it comes; the engine changes the one it gets.
     engine_loaded = loaded.own_copy()
+    top = max(concurrency)
+    work = Workload.draw(requests_per_client * top, (min_tokens, max_tokens), seed,
+                         prompt_tokens, loaded.tokenizer)
+    count_tokens = chat_token_counter(loaded.tokenizer)
+    prompt_lengths = [count_tokens(m) for m in work.messages]
     echo(f"smollm2 on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}; (a) in "
          f"float32, the seed's dtype; engine numerics: {numerics}), "
-         f"{torch.get_num_threads()} threads; concurrency {concurrency}; "
-         f"{min_tokens}-{max_tokens} new tokens per prompt; {requests_per_client} requests per "
-         f"client; seed {seed}")
+         f"{torch.get_num_threads()} threads; concurrency {concurrency}; prompts of "
+         f"{min(prompt_lengths)}-{max(prompt_lengths)} tokens; {min_tokens}-{max_tokens} new "
+         f"tokens per prompt; {requests_per_client} requests per client; seed {seed}")
     # (name, requests, run): each variant is told its progress as requests finish.
     steps: list[tuple[str, int, Callable[[Tick], Row]]] = []
-    top = max(concurrency)
-    work = Workload.make(requests_per_client * top, min_tokens, max_tokens, seed)
     first = work.head(sequential)  # may hold fewer than `sequential`: the workload is short
     alone = len(first.lengths)
     # (a) is the seed's way, float32 included: here it is also the faster dtype for one
@@ -306,6 +311,7 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         out.write_text(json.dumps({
             "device": str(loaded.device), "dtype": str(loaded.dtype), "threads":
                 torch.get_num_threads(), "min_tokens": min_tokens, "max_tokens": max_tokens,
+            "prompt_tokens": [min(prompt_lengths), max(prompt_lengths)],
             "seed": seed, "requests_per_client": requests_per_client,
             "engine_settings": engine_settings,
             "rows": [r.to_dict() for r in rows]}, indent=2))

@@ -8,18 +8,38 @@ from collections.abc import Callable
 import click
 
 
-def output_lengths(command: Callable) -> Callable:
-    """--min-tokens and --max-tokens (each request's answer length is drawn between them),
-    refused by name when the range is empty, before anything loads."""
+def _token_range(kind: str, default: tuple[int, int] | None, low_help: str, high_help: str,
+                 keyword: str) -> Callable[[Callable], Callable]:
+    """--min-{kind}tokens and --max-{kind}tokens, handed to the command as one (low, high)
+    `keyword` (None when neither is given and there is no default; one alone fixes the
+    length), refused by name when low is above high, before anything loads."""
+    low_flag, high_flag = f"--min-{kind}tokens", f"--max-{kind}tokens"
+    low_name, high_name = (flag[2:].replace("-", "_") for flag in (low_flag, high_flag))
 
-    @functools.wraps(command)
-    def checked(*args, min_tokens: int, max_tokens: int, **kwargs):
-        if min_tokens > max_tokens:
-            raise click.BadParameter(f"--min-tokens {min_tokens} is larger than --max-tokens "
-                                     f"{max_tokens}")
-        return command(*args, min_tokens=min_tokens, max_tokens=max_tokens, **kwargs)
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def checked(*args, **kwargs):
+            low, high = kwargs.pop(low_name), kwargs.pop(high_name)
+            low, high = (high, high) if low is None else (low, low) if high is None else (low, high)
+            if low is not None and low > high:
+                raise click.BadParameter(f"{low_flag} {low} is larger than {high_flag} {high}")
+            return command(*args, **{keyword: None if low is None else (low, high)}, **kwargs)
 
-    checked = click.option("--max-tokens", type=click.IntRange(min=1), default=128,
-                           show_default=True, help="Most new tokens per request.")(checked)
-    return click.option("--min-tokens", type=click.IntRange(min=1), default=64,
-                        show_default=True, help="Fewest new tokens per request.")(checked)
+        for flag, value, text in ((high_flag, default and default[1], high_help),
+                                  (low_flag, default and default[0], low_help)):
+            checked = click.option(flag, type=click.IntRange(min=1), default=value,
+                                   show_default=value is not None, help=text)(checked)
+        return checked
+
+    return decorate
+
+
+# Each request's answer length is drawn between these (end of sequence ignored).
+answer_lengths = _token_range("", (64, 128), "Fewest new tokens per request.",
+                              "Most new tokens per request.", "answer_tokens")
+# Each prompt's length, chat template included; neither: the bare questions.
+prompt_lengths = _token_range(
+    "prompt-", None,
+    "Fewest prompt tokens (chat template included): filler words go before each question. "
+    "Neither this nor --max-prompt-tokens: the bare questions (34-38 tokens).",
+    "Most prompt tokens.", "prompt_tokens")

@@ -1,10 +1,13 @@
 """The benchmark's prompts: short, varied questions (with SmolLM2's chat template, 34-38
-tokens, 24 of them the template's own), and the workload drawn from them."""
+tokens, 24 of them the template's own), and the workload drawn from them. Longer prompts, of
+drawn lengths, put a passage of filler words before the question."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 QUESTIONS = [
     "What is the capital of France?", "Explain photosynthesis in one paragraph.",
@@ -14,6 +17,28 @@ QUESTIONS = [
     "What does a CPU do?", "Tell me a fun fact about cats.", "How do vaccines work?",
     "What is the speed of light?", "Describe a rainbow.",
 ]
+
+# Common words that SmolLM2's tokenizer (like most BPE vocabularies) keeps as one token each
+# after a space, so a passage of N of them is about N tokens.
+FILLER = ("the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be",
+          "by", "on", "not", "this", "are", "or", "from", "at", "which", "but", "have", "an",
+          "they", "you", "were", "there", "been", "one", "all", "we", "their", "has", "would",
+          "when", "if", "so", "no", "more", "out", "up", "into", "do", "time", "only", "new",
+          "some", "could", "these", "two", "may", "first", "any", "like", "now", "over", "such",
+          "our", "even", "most", "made", "after", "also", "did", "many", "well")
+
+
+class PromptLengthError(ValueError):
+    """A prompt length the workload cannot reach."""
+
+
+def chat_token_counter(tokenizer: Any) -> Callable[[list[dict[str, str]]], int]:
+    """How many tokens a request's messages become: the chat template applied as the engine
+    and the gateway's workers apply it."""
+    def count(messages: list[dict[str, str]]) -> int:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+    return count
 
 
 @dataclass
@@ -29,5 +54,44 @@ class Workload:
         return cls([[{"role": "user", "content": rng.choice(QUESTIONS)}] for _ in range(count)],
                    [rng.randint(min_tokens, max_tokens) for _ in range(count)])
 
+    @classmethod
+    def draw(cls, count: int, answer_tokens: tuple[int, int], seed: int,
+             prompt_tokens: tuple[int, int] | None = None, tokenizer: Any = None) -> Workload:
+        """`make`, then with `prompt_tokens` each prompt lengthened as the model's
+        `tokenizer` counts."""
+        work = cls.make(count, *answer_tokens, seed)
+        if prompt_tokens is None:
+            return work
+        return work.with_prompt_tokens(*prompt_tokens, seed, chat_token_counter(tokenizer))
+
     def head(self, count: int) -> Workload:
         return Workload(self.messages[:count], self.lengths[:count])
+
+    def with_prompt_tokens(self, low: int, high: int, seed: int,
+                           count_tokens: Callable[[list[dict[str, str]]], int]) -> Workload:
+        """The same questions and answer lengths, each prompt lengthened to a drawn total of
+        `low`-`high` tokens (chat template included, as `count_tokens` counts) by a passage of
+        filler words before its question."""
+        bares = [count_tokens(m) for m in self.messages]
+        if low < max(bares):
+            raise PromptLengthError(f"prompts of {low} tokens are shorter than the longest bare "
+                                    f"question with the chat template ({max(bares)} tokens)")
+        rng = random.Random(f"prompt tokens {seed}")
+        messages = []
+        for original, bare in zip(self.messages, bares, strict=True):
+            target = rng.randint(low, high)
+            question = original[-1]["content"]
+            words = [rng.choice(FILLER) for _ in range(target)]
+            used, lengthened = target - bare, original
+            for _ in range(8):  # the seam between passage and question may merge tokens
+                lengthened = [{"role": "user",
+                               "content": " ".join([*words[:used], question])}]
+                got = count_tokens(lengthened)
+                if got == target or not 0 < used + target - got <= target:
+                    break
+                used += target - got
+            if count_tokens(lengthened) != target:
+                raise PromptLengthError(f"could not build a prompt of exactly {target} tokens "
+                                        f"around {question!r}")
+            messages.append(lengthened)
+        return Workload(messages, list(self.lengths))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, get_args
 import click
 
 from ray_inference import __version__
-from ray_inference.bench.options import output_lengths
+from ray_inference.bench.options import answer_lengths, prompt_lengths
 from ray_inference.cli import render, settings
 from ray_inference.cli.errors import (
     EPILOG,
@@ -469,7 +469,8 @@ def _progress_bar(variant: str, requests: int):
 @click.option("-c", "--concurrency", "concurrency", multiple=True, type=click.IntRange(min=1),
               default=(16,), show_default=True,
               help="Concurrent requests (repeat for a sweep); also the static batch size of (b).")
-@output_lengths
+@answer_lengths
+@prompt_lengths
 @click.option("--sequential", type=click.IntRange(min=1), default=4, show_default=True,
               help="How many prompts variant (a) runs one at a time (it is slow).")
 @click.option("--requests-per-client", type=click.IntRange(min=1), default=2, show_default=True,
@@ -491,9 +492,10 @@ def _progress_bar(variant: str, requests: int):
                    "configured.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write JSON here, and a PNG beside it.")
-def bench(concurrency: tuple[int, ...], min_tokens: int, max_tokens: int, sequential: int,
-          requests_per_client: int, seed: int, gateway_url: str | None, model: str, hf_continuous: bool,
-          quantize: str, kv_cache_dtype: str, out: str | None) -> None:
+def bench(concurrency: tuple[int, ...], answer_tokens: tuple[int, int],
+          prompt_tokens: tuple[int, int] | None, sequential: int, requests_per_client: int,
+          seed: int, gateway_url: str | None, model: str, hf_continuous: bool, quantize: str,
+          kv_cache_dtype: str, out: str | None) -> None:
     """Benchmark SmolLM2 side by side in one run: HF one at a time (a), HF static batches (b),
     the rayinfer engine (c) and, with --gateway, the full stack over HTTP (d); prints tok/s,
     p50 time to first token and ratios to (a) and (b).
@@ -505,9 +507,14 @@ def bench(concurrency: tuple[int, ...], min_tokens: int, max_tokens: int, sequen
     from pathlib import Path
 
     from ray_inference.bench.offline import run
+    from ray_inference.bench.prompts import PromptLengthError
 
-    run(sorted(set(concurrency)), min_tokens, max_tokens, sequential, seed, gateway_url, model,
-        os.environ.get("RAYINFER_API_KEY"), Path(out) if out else None, echo=click.echo,
-        progress=_progress_bar, hf_cb=hf_continuous,
-        requests_per_client=requests_per_client,
-        engine_settings={"quantize": quantize, "kv_cache_dtype": kv_cache_dtype})
+    try:
+        run(sorted(set(concurrency)), *answer_tokens, sequential, seed, gateway_url, model,
+            os.environ.get("RAYINFER_API_KEY"), Path(out) if out else None, echo=click.echo,
+            progress=_progress_bar, hf_cb=hf_continuous,
+            requests_per_client=requests_per_client,
+            engine_settings={"quantize": quantize, "kv_cache_dtype": kv_cache_dtype},
+            prompt_tokens=prompt_tokens)
+    except PromptLengthError as exc:
+        raise click.BadParameter(str(exc), param_hint="--min-prompt-tokens") from exc
