@@ -6,7 +6,8 @@ benchmarks/results/head-memory.json. WORKERS=2 starts two worker nodes that spli
 (results: cpu-2-workers.*, head-memory-2-workers.json); QUANTIZE=int8 runs (c) and the workers
 with `engine.quantize: int8` (results: cpu-int8.*, head-memory-int8.json), KV_CACHE_DTYPE=bfloat16
 with `engine.kv_cache_dtype: bfloat16` (results: cpu-bfloat16-kv.*, or cpu-int8-bfloat16-kv.*
-with both). Each worker batches up to 64 requests.
+with both); LABEL=name adds -name to every result's name. Each worker batches up to 64
+requests.
 
     benchmarks/run_cpu.sh -c 16 -c 64 --min-tokens 64 --max-tokens 128
 """
@@ -35,7 +36,8 @@ def main(bench_args: list[str]) -> int:
     EngineConfig(**numerics)  # a wrong value fails here, not in a worker's log
     suffix = ("" if workers == 1 else f"-{workers}-workers") + (
         "" if numerics["quantize"] == "none" else f"-{numerics['quantize']}") + (
-        "" if numerics["kv_cache_dtype"] == "auto" else f"-{numerics['kv_cache_dtype']}-kv")
+        "" if numerics["kv_cache_dtype"] == "auto" else f"-{numerics['kv_cache_dtype']}-kv") + (
+        f"-{os.environ['LABEL']}" if os.environ.get("LABEL") else "")
     cpus = max(1, (os.cpu_count() or 1) // workers)
     started: list[subprocess.Popen] = []
     peak: dict = {}
