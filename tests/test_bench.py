@@ -41,6 +41,21 @@ def test_offline_bench_compares_variants_side_by_side(tmp_path):
     assert rows[3].ttft_p50_s > 0 and rows[3].ttft_steady_p50_s > 0
     line = next(line for line in lines if "engine, 2 clients" in line).split()
     assert float(line[-4]) > 0 and float(line[-2]) > 0
+    # The engine's rows carry req/s and p50 <= p90 <= p99 of TTFT, inter-token latency and end
+    # to end, in the JSON and in a second table.
+    for row in saved["rows"]:
+        latency = row["latency"]
+        if not row["variant"].startswith("c"):
+            assert latency is None
+            continue
+        assert latency["req_s"] > 0
+        for name in ("ttft", "itl", "e2e"):
+            p50, p90, p99 = (latency[f"{name}_p{q}_s"] for q in (50, 90, 99))
+            assert 0 < p50 <= p90 <= p99
+        assert latency["itl_p50_s"] < latency["e2e_p50_s"]
+    header = lines.index(next(line for line in lines if line.lstrip("\n").startswith("latency")))
+    assert [line.split(",")[0] for line in lines[header + 1:header + 3]] == [
+        "c: rayinfer engine", "c: rayinfer engine"]
 
 
 def test_prompts_reach_their_drawn_lengths_in_tokens():

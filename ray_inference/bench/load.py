@@ -45,6 +45,20 @@ class LoadResult:
     e2e: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
 
+    def record(self, started: float, first: float | None, last: float | None, tokens: int,
+               cold: bool) -> None:
+        """One answered request: submitted at `started`, its first and last chunks, how many
+        tokens it got, whether it was its client's first request."""
+        self.requests += 1
+        self.tokens += tokens
+        self.e2e.append(time.perf_counter() - started)
+        if first is not None:
+            self.ttft.append(first - started)
+            if not cold:
+                self.ttft_steady.append(first - started)
+            if tokens > 1:  # per token: a chunk may carry several (the worker paces its streams)
+                self.itl.append((last - first) / (tokens - 1))
+
     def summary(self) -> dict:
         return {
             "concurrency": self.concurrency, "requests": self.requests, "errors": self.errors,
@@ -86,15 +100,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, result: LoadResu
         result.errors += 1
         result.error_samples.append(str(exc)[:200])
         return
-    result.requests += 1
-    result.tokens += tokens
-    result.e2e.append(time.perf_counter() - started)
-    if first is not None:
-        result.ttft.append(first - started)
-        if not cold:
-            result.ttft_steady.append(first - started)
-        if tokens > 1:  # per token: a chunk may carry several (the worker paces its streams)
-            result.itl.append((last - first) / (tokens - 1))
+    result.record(started, first, last, tokens, cold)
 
 
 async def run_load(url: str, model: str, concurrency: int, work: Workload,

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
-from ray_inference.bench.load import percentile
+from ray_inference.bench.load import LoadResult
 from ray_inference.bench.prompts import Workload, chat_token_counter
 
 Tick = Callable[[int], None]  # told how many more requests of a variant are done
+LATENCY_KEYS = ("req_s", *(f"{name}_p{q}_s" for name in ("ttft", "itl", "e2e")
+                           for q in (50, 90, 99)))
 
 
 def _no_tick(done: int) -> None:
@@ -40,6 +42,15 @@ class Row:
     # Without each client's first request (those arrive together, a cold-start burst).
     ttft_steady_p50_s: float | None = None
     errors: int = 0
+    # (c) and (d): req/s and p50/p90/p99 of TTFT, inter-token latency and end to end.
+    latency: dict | None = None
+
+    @classmethod
+    def from_load(cls, variant: str, result: LoadResult) -> Row:
+        summary = result.summary()
+        return cls(variant, result.concurrency, result.requests, result.tokens, result.seconds,
+                   summary["ttft_p50_s"], summary["ttft_steady_p50_s"], result.errors,
+                   {key: value for key, value in summary.items() if key in LATENCY_KEYS})
 
     @property
     def tok_s(self) -> float:
@@ -119,20 +130,20 @@ def engine_run(loaded, work: Workload, concurrency: int, tick: Tick = _no_tick,
     config = EngineConfig(max_batch_size=concurrency, max_queue=len(work.lengths) + 1,
                           **(settings or {}))
     engine = create_engine(loaded, config)
-    ttfts: list[tuple[float, bool]] = []  # (time to first token, the client's first request)
-    tokens = [0]
+    result = LoadResult(concurrency)
     lock = threading.Lock()
     start = time.perf_counter()
 
     def consume(stream, submitted: float, cold: bool) -> None:
-        first = True
+        first = last = None
+        tokens = 0
         for chunk in stream:
-            with lock:
-                if first:
-                    ttfts.append((time.perf_counter() - submitted, cold))
-                    first = False
-                tokens[0] += len(chunk.token_ids)
+            if chunk.token_ids:
+                last = time.perf_counter()
+                first = first or last
+                tokens += len(chunk.token_ids)
         with lock:
+            result.record(submitted, first, last, tokens, cold)
             tick(1)
 
     # `concurrency` clients, each sending its next request when the previous one ends.
@@ -157,13 +168,11 @@ def engine_run(loaded, work: Workload, concurrency: int, tick: Tick = _no_tick,
         thread.start()
     for thread in threads:
         thread.join()
-    seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - start
     engine.shutdown()
     kind = describe_settings(config)
     kind = f" ({kind})" if kind else ""
-    return Row(f"c: rayinfer engine{kind}, {concurrency} clients", concurrency, len(work.lengths),
-               tokens[0], seconds, percentile([t for t, _ in ttfts], 0.5),
-               percentile([t for t, cold in ttfts if not cold], 0.5))
+    return Row.from_load(f"c: rayinfer engine{kind}, {concurrency} clients", result)
 
 
 def gateway_run(url: str, model: str, work: Workload, concurrency: int,
@@ -171,10 +180,7 @@ def gateway_run(url: str, model: str, work: Workload, concurrency: int,
     from ray_inference.bench.load import run_load
 
     result = asyncio.run(run_load(url, model, concurrency, work, api_key, progress=tick))
-    summary = result.summary()
-    return Row(f"d: full stack over HTTP, {concurrency} clients", concurrency, result.requests,
-               result.tokens, result.seconds, summary["ttft_p50_s"], summary["ttft_steady_p50_s"],
-               result.errors)
+    return Row.from_load(f"d: full stack over HTTP, {concurrency} clients", result)
 
 
 def _single_ttft(rows: list[Row], prefix: str) -> float | None:
@@ -206,6 +212,24 @@ def table(rows: list[Row], echo: Callable[[str], None]) -> None:
         echo(f"{row.variant:<{width}} {row.tok_s:>8.1f} {ratio_a:>7} {ratio_b:>7} "
              f"{_seconds(row.ttft_p50_s):>9} {ratios[0]:>5} {_seconds(row.ttft_steady_p50_s):>7} "
              f"{ratios[1]:>5} {row.errors:>6}")
+    latency_table([r for r in rows if r.latency], echo, width)
+
+
+def latency_table(rows: list[Row], echo: Callable[[str], None], width: int) -> None:
+    """Requests per second and the p50/p90/p99 latencies of (c) and (d): TTFT and end to end
+    in seconds, inter-token latency (per request, over its tokens after the first) in ms."""
+    if not rows:
+        return
+    echo(f"\n{'latency':<{width}} {'req/s':>6} {'TTFT p50/p90/p99 s':>20} "
+         f"{'ITL p50/p90/p99 ms':>20} {'e2e p50/p90/p99 s':>20}")
+    for row in rows:
+        cells = []
+        for name, scale, digits in (("ttft", 1, 2), ("itl", 1000, 1), ("e2e", 1, 2)):
+            values = [row.latency[f"{name}_p{q}_s"] for q in (50, 90, 99)]
+            cells.append("/".join("-" if v is None else f"{v * scale:.{digits}f}"
+                                  for v in values))
+        echo(f"{row.variant:<{width}} {row.latency['req_s']:>6.2f} {cells[0]:>20} "
+             f"{cells[1]:>20} {cells[2]:>20}")
 
 
 def plot(rows: list[Row], path: Path) -> None:
