@@ -23,7 +23,7 @@ import yaml
 
 from ray_inference.bench.offline import engine_run
 from ray_inference.bench.options import answer_lengths, prompt_lengths
-from ray_inference.bench.prompts import PromptLengthError, Workload
+from ray_inference.bench.prompts import Workload
 from ray_inference.config import EngineConfig
 from ray_inference.models import loader, registry
 
@@ -57,11 +57,8 @@ def main(setting: str, values: tuple[str, ...], concurrency: tuple[int, ...], ro
     # A model per value: an engine changes its model for good (prepack_weights, quantize).
     loaded = loader.load(registry.resolve("smollm2"))
     models = [loaded, *(loaded.own_copy() for _ in parsed[1:])]
-    try:
-        work = Workload.draw(requests_per_client * max(concurrency), answer_tokens, seed,
-                             prompt_tokens, loaded.tokenizer)
-    except PromptLengthError as exc:
-        raise click.BadParameter(str(exc), param_hint="--min-prompt-tokens") from exc
+    work = Workload.draw(requests_per_client * max(concurrency), answer_tokens, seed,
+                         prompt_tokens, loaded.tokenizer)
     for clients in concurrency:
         part = work.head(requests_per_client * clients)
         runs: list[list[float]] = [[] for _ in parsed]

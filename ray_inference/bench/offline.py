@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ray_inference.bench.load import LoadResult
-from ray_inference.bench.prompts import Workload, chat_token_counter
+from ray_inference.bench.prompts import Workload, chat_ids, chat_text, chat_token_counter
 
 Tick = Callable[[int], None]  # told how many more requests of a variant are done
 LATENCY_KEYS = ("req_s", *(f"{name}_p{q}_s" for name in ("ttft", "itl", "e2e")
@@ -61,8 +61,7 @@ class Row:
 
 
 def _hf_batch(loaded, work: Workload) -> None:
-    texts = [loaded.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-             for m in work.messages]
+    texts = [chat_text(loaded.tokenizer, m) for m in work.messages]
     loaded.tokenizer.padding_side = "left"
     batch = loaded.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     longest = max(work.lengths)
@@ -94,9 +93,7 @@ def hf_continuous(loaded, work: Workload, concurrency: int, tick: Tick = _no_tic
     """transformers' own continuous batching (paged attention), the alternative we measured."""
     from transformers import GenerationConfig
 
-    texts = [loaded.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-             for m in work.messages]
-    inputs = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    inputs = [chat_ids(loaded.tokenizer, m) for m in work.messages]
     config = GenerationConfig(max_new_tokens=max(work.lengths), min_new_tokens=max(work.lengths),
                               do_sample=False, eos_token_id=-1,
                               pad_token_id=loaded.tokenizer.pad_token_id,

@@ -20,7 +20,8 @@ def _token_range(kind: str, default: tuple[int, int] | None, low_help: str, high
         @functools.wraps(command)
         def checked(*args, **kwargs):
             low, high = kwargs.pop(low_name), kwargs.pop(high_name)
-            low, high = (high, high) if low is None else (low, low) if high is None else (low, high)
+            low = high if low is None else low  # one alone fixes the length
+            high = low if high is None else high
             if low is not None and low > high:
                 raise click.BadParameter(f"{low_flag} {low} is larger than {high_flag} {high}")
             return command(*args, **{keyword: None if low is None else (low, high)}, **kwargs)

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import click
+
 QUESTIONS = [
     "What is the capital of France?", "Explain photosynthesis in one paragraph.",
     "Write a haiku about the sea.", "What is machine learning?", "Name three primary colors.",
@@ -28,17 +30,27 @@ FILLER = ("the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was"
           "our", "even", "most", "made", "after", "also", "did", "many", "well")
 
 
-class PromptLengthError(ValueError):
-    """A prompt length the workload cannot reach."""
+class PromptLengthError(click.BadParameter):
+    """A prompt length the workload cannot reach; a command that meets it exits 2 with the
+    message, naming --min-prompt-tokens."""
+
+    def __init__(self, message: str):
+        super().__init__(message, param_hint="--min-prompt-tokens")
+
+
+def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """A request's messages as the prompt text, the chat template applied as the engine and
+    the gateway's workers apply it."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    return tokenizer(chat_text(tokenizer, messages), add_special_tokens=False)["input_ids"]
 
 
 def chat_token_counter(tokenizer: Any) -> Callable[[list[dict[str, str]]], int]:
-    """How many tokens a request's messages become: the chat template applied as the engine
-    and the gateway's workers apply it."""
-    def count(messages: list[dict[str, str]]) -> int:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return len(tokenizer(text, add_special_tokens=False).input_ids)
-    return count
+    """How many tokens a request's messages become."""
+    return lambda messages: len(chat_ids(tokenizer, messages))
 
 
 @dataclass
@@ -82,7 +94,7 @@ class Workload:
             target = rng.randint(low, high)
             question = original[-1]["content"]
             words = [rng.choice(FILLER) for _ in range(target)]
-            used, lengthened = target - bare, original
+            used, lengthened, got = target - bare, original, bare
             for _ in range(8):  # the seam between passage and question may merge tokens
                 lengthened = [{"role": "user",
                                "content": " ".join([*words[:used], question])}]
@@ -90,7 +102,7 @@ class Workload:
                 if got == target or not 0 < used + target - got <= target:
                     break
                 used += target - got
-            if count_tokens(lengthened) != target:
+            if got != target:
                 raise PromptLengthError(f"could not build a prompt of exactly {target} tokens "
                                         f"around {question!r}")
             messages.append(lengthened)

@@ -507,14 +507,9 @@ def bench(concurrency: tuple[int, ...], answer_tokens: tuple[int, int],
     from pathlib import Path
 
     from ray_inference.bench.offline import run
-    from ray_inference.bench.prompts import PromptLengthError
 
-    try:
-        run(sorted(set(concurrency)), *answer_tokens, sequential, seed, gateway_url, model,
-            os.environ.get("RAYINFER_API_KEY"), Path(out) if out else None, echo=click.echo,
-            progress=_progress_bar, hf_cb=hf_continuous,
-            requests_per_client=requests_per_client,
-            engine_settings={"quantize": quantize, "kv_cache_dtype": kv_cache_dtype},
-            prompt_tokens=prompt_tokens)
-    except PromptLengthError as exc:
-        raise click.BadParameter(str(exc), param_hint="--min-prompt-tokens") from exc
+    run(sorted(set(concurrency)), *answer_tokens, sequential, seed, gateway_url, model,
+        os.environ.get("RAYINFER_API_KEY"), Path(out) if out else None, echo=click.echo,
+        progress=_progress_bar, hf_cb=hf_continuous, requests_per_client=requests_per_client,
+        engine_settings={"quantize": quantize, "kv_cache_dtype": kv_cache_dtype},
+        prompt_tokens=prompt_tokens)
