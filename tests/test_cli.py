@@ -226,7 +226,7 @@ def test_help_lists_commands_and_exit_codes(env):
 
 
 @pytest.mark.parametrize("command", ["ask", "chat", "status", "actors", "models", "logs",
-                                     "health", "config", "head", "worker"])
+                                     "health", "config", "head", "worker", "bench"])
 def test_every_command_has_help_with_example(env, command):
     result = run(command, "--help", env=env)
     assert result.returncode == 0
@@ -240,7 +240,8 @@ from ray_inference.cli.main import cli
 for args in (["--help"], ["ask", "--help"], ["--url", "{fake_gateway.url}", "ask", "hi"],
              ["--url", "{fake_gateway.url}", "status"], ["health", "--role", "worker"],
              ["bench", "--min-tokens", "9", "--max-tokens", "3"],
-             ["bench", "--min-prompt-tokens", "90", "--max-prompt-tokens", "30"]):
+             ["bench", "--min-prompt-tokens", "90", "--max-prompt-tokens", "30"],
+             ["bench", "--http-only", "--url", "{fake_gateway.url}", "-m", "nope"]):
     try:
         cli(args, prog_name="rayinfer")
     except SystemExit:
@@ -258,6 +259,30 @@ def test_bench_refuses_an_empty_length_range_by_name(env, kind):
     result = run("bench", f"--min-{kind}tokens", "90", f"--max-{kind}tokens", "30", env=env)
     assert result.returncode == 2
     assert f"--min-{kind}tokens 90 is larger than --max-{kind}tokens 30" in result.stderr
+
+
+def test_bench_checks_the_gateway_before_any_load(env, fake_gateway):
+    """A wrong URL, key or model fails in a second, before the benchmark loads anything; the
+    API key comes from where the client commands take it."""
+    fake_gateway.api_key = "sesame"
+    missing_key = run("bench", "--http-only", "--url", fake_gateway.url, env=env)
+    assert missing_key.returncode == 4
+    assert "API key" in one_line_error(missing_key.stderr)
+    wrong_model = run("bench", "--gateway", fake_gateway.url + "/v1", "-m", "nope",
+                      env={**env, "RAYINFER_API_KEY": "sesame"})
+    assert wrong_model.returncode == 4
+    line = one_line_error(wrong_model.stderr)
+    assert f"{fake_gateway.url} does not serve model 'nope'; it serves: tiny, other" in line
+    url = f"http://127.0.0.1:{free_port()}"
+    unreachable = run("bench", "--gateway", url, env=env)
+    assert unreachable.returncode == 3
+    assert f"cannot connect to {url} (from --gateway)" in one_line_error(unreachable.stderr)
+
+
+def test_bench_http_only_refuses_the_local_variants_options(env):
+    result = run("bench", "--http-only", "--quantize", "int8", env=env)
+    assert result.returncode == 2
+    assert "--http-only runs neither" in result.stderr
 
 
 # ---- connecting ----------------------------------------------------------------------------

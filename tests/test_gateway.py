@@ -205,3 +205,60 @@ def test_load_generator_measures_every_request_over_real_http(gateway_url):
     assert len(result.itl) == 6 and all(0 < itl < 10 for itl in result.itl)
     assert summary["ttft_steady_p50_s"] <= summary["e2e_p50_s"]
     assert summary["tok_s"] > 0 and summary["req_s"] > 0
+
+
+def test_bench_http_only_load_tests_a_running_cluster(gateway_url, tmp_path):
+    """`rayinfer bench --http-only`: the load generator alone against a real gateway, every
+    request counted, nothing run locally."""
+    from click.testing import CliRunner
+
+    from ray_inference.bench.prompts import Workload
+    from ray_inference.cli.main import cli
+
+    out = tmp_path / "load.json"
+    result = CliRunner().invoke(cli, [
+        "bench", "--http-only", "--url", gateway_url, "-m", MODEL, "-c", "2", "-c", "3",
+        "--min-tokens", "4", "--max-tokens", "7", "--sequential", "2",
+        "--requests-per-client", "2", "--seed", "5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert (saved["gateway"], saved["model"], saved["engine_settings"]) == (gateway_url, MODEL,
+                                                                            None)
+    rows = saved["rows"]
+    assert [(r["variant"], r["requests"], r["errors"]) for r in rows] == [
+        ("d: full stack over HTTP, 1 clients", 2, 0), ("d: full stack over HTTP, 2 clients", 4, 0),
+        ("d: full stack over HTTP, 3 clients", 6, 0)]
+    work = Workload.make(6, min_tokens=4, max_tokens=7, seed=5)
+    assert [r["tokens"] for r in rows] == [sum(work.lengths[:n]) for n in (2, 4, 6)]
+    for row in rows:
+        latency = row["latency"]
+        assert latency["req_s"] > 0
+        for name in ("ttft", "e2e"):
+            assert 0 < latency[f"{name}_p50_s"] <= latency[f"{name}_p90_s"] <= latency[
+                f"{name}_p99_s"]
+    assert f"the full stack only: model {MODEL} at {gateway_url}" in result.output
+    assert "x (a)" in result.output and "latency" in result.output
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_bench_http_only_reports_what_the_failed_requests_said(cluster):
+    """Past the gateway's limit some requests get 429: they are counted and the table says
+    why, and the run still ends with its report."""
+    from click.testing import CliRunner
+
+    from ray_inference.cli.main import cli
+    from tests.conftest import Gateway
+
+    tight = Gateway(max_in_flight=1)
+    try:
+        result = CliRunner().invoke(cli, [
+            "bench", "--http-only", "--url", tight.url, "-m", MODEL, "-c", "4",
+            "--min-tokens", "30", "--max-tokens", "40", "--sequential", "1"])
+    finally:
+        tight.stop()
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "4 clients" in line).split()
+    errors = int(row[-1])
+    assert 0 < errors < 8
+    assert f"{errors} of 8 requests of d: full stack over HTTP, 4 clients failed, e.g.: " \
+        "HTTP 429" in result.output

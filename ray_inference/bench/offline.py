@@ -14,10 +14,8 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from ray_inference.bench.load import LoadResult
 from ray_inference.bench.prompts import Workload, chat_ids, chat_text, chat_token_counter
@@ -44,13 +42,16 @@ class Row:
     errors: int = 0
     # (c) and (d): req/s and p50/p90/p99 of TTFT, inter-token latency and end to end.
     latency: dict | None = None
+    # What the first few failed requests said.
+    error_samples: list[str] = field(default_factory=list)
 
     @classmethod
     def from_load(cls, variant: str, result: LoadResult) -> Row:
         summary = result.summary()
         return cls(variant, result.concurrency, result.requests, result.tokens, result.seconds,
                    summary["ttft_p50_s"], summary["ttft_steady_p50_s"], result.errors,
-                   {key: value for key, value in summary.items() if key in LATENCY_KEYS})
+                   {key: value for key, value in summary.items() if key in LATENCY_KEYS},
+                   summary["error_samples"])
 
     @property
     def tok_s(self) -> float:
@@ -210,6 +211,10 @@ def table(rows: list[Row], echo: Callable[[str], None]) -> None:
              f"{_seconds(row.ttft_p50_s):>9} {ratios[0]:>5} {_seconds(row.ttft_steady_p50_s):>7} "
              f"{ratios[1]:>5} {row.errors:>6}")
     latency_table([r for r in rows if r.latency], echo, width)
+    for row in rows:
+        if row.errors:
+            echo(f"\n{row.errors} of {row.requests + row.errors} requests of {row.variant} "
+                 f"failed, e.g.: " + "; ".join(row.error_samples[:3]))
 
 
 def latency_table(rows: list[Row], echo: Callable[[str], None], width: int) -> None:
@@ -262,6 +267,8 @@ def plot(rows: list[Row], path: Path) -> None:
 def _in_float32(loaded, spec):
     """The model as the seed loaded it (transformers' default dtype, float32), from its files
     (`spec`): the stored weights may be finer than `loaded`'s."""
+    import torch
+
     from ray_inference.models import loader
 
     if loaded.dtype == torch.float32:
@@ -274,68 +281,100 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         out: Path | None = None, echo: Callable[[str], None] = print,
         progress: Callable[[str, int], Tick] | None = None, hf_cb: bool = False,
         requests_per_client: int = 2, engine_settings: dict | None = None,
-        prompt_tokens: tuple[int, int] | None = None) -> list[Row]:
+        prompt_tokens: tuple[int, int] | None = None, http_only: bool = False) -> list[Row]:
     """`engine_settings`: EngineConfig fields for (c) (quantize, kv_cache_dtype);
-    `prompt_tokens`: the range of prompt lengths (None: the bare questions)."""
+    `prompt_tokens`: the range of prompt lengths (None: the bare questions); `http_only`: only
+    (d), the load generator against `url`, with no model loaded here (SmolLM2's tokenizer
+    still draws and counts the prompts)."""
     from ray_inference.config import EngineConfig
     from ray_inference.models import loader, registry
 
+    if http_only and not url:
+        raise ValueError("an HTTP-only benchmark needs the gateway's URL")
     engine_settings = engine_settings or {}
-    numerics = describe_settings(EngineConfig(**engine_settings)) or "as loaded"
-
-    torch.manual_seed(seed)
     spec = registry.resolve("smollm2")
-    loaded = loader.load(spec)
-    # (a) and (b) run transformers' model as it comes; the engine changes the one it gets.
-    engine_loaded = loaded.own_copy()
+    loaded = None if http_only else loader.load(spec)
+    tokenizer = loader.load_tokenizer(spec) if http_only else loaded.tokenizer
     top = max(concurrency)
     work = Workload.draw(requests_per_client * top, (min_tokens, max_tokens), seed,
-                         prompt_tokens, loaded.tokenizer)
-    count_tokens = chat_token_counter(loaded.tokenizer)
+                         prompt_tokens, tokenizer)
+    count_tokens = chat_token_counter(tokenizer)
     prompt_lengths = [count_tokens(m) for m in work.messages]
-    echo(f"smollm2 on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}; (a) in "
-         f"float32, the seed's dtype; engine numerics: {numerics}), "
-         f"{torch.get_num_threads()} threads; concurrency {concurrency}; prompts of "
-         f"{min(prompt_lengths)}-{max(prompt_lengths)} tokens; {min_tokens}-{max_tokens} new "
-         f"tokens per prompt; {requests_per_client} requests per client; seed {seed}")
-    # (name, requests, run): each variant is told its progress as requests finish.
-    steps: list[tuple[str, int, Callable[[Tick], Row]]] = []
-    first = work.head(sequential)  # may hold fewer than `sequential`: the workload is short
-    alone = len(first.lengths)
-    # (a) is the seed's way, float32 included: here it is also the faster dtype for one
-    # request at a time (docs/benchmarks.md), so the ratios to (a) do not flatter the engine.
-    steps.append(("a", alone, lambda tick: one_at_a_time(_in_float32(loaded, spec), first, tick)))
-    # One client at a time: the single-request time to first token the others are held to.
-    steps.append(("c1", alone,
-                  lambda tick: engine_run(engine_loaded, first, 1, tick, engine_settings)))
-    if url:
-        steps.append(("d1", alone,
-                      lambda tick: gateway_run(url, model, first, 1, api_key, tick)))
-    for c in concurrency:
-        part = work.head(requests_per_client * c)
-        count = len(part.lengths)
-        steps.append((f"b{c}", count, lambda tick, part=part, c=c:
-                      static_batches(loaded, part, c, tick)))
-        steps.append((f"c{c}", count, lambda tick, part=part, c=c:
-                      engine_run(engine_loaded, part, c, tick, engine_settings)))
-        if hf_cb:
-            steps.append((f"e{c}", count, lambda tick, part=part, c=c:
-                          hf_continuous(loaded, part, c, tick)))
-        if url:
-            steps.append((f"d{c}", count, lambda tick, part=part, c=c:
-                          gateway_run(url, model, part, c, api_key, tick)))
+    shape = (f"concurrency {concurrency}; prompts of {min(prompt_lengths)}-"
+             f"{max(prompt_lengths)} tokens; {min_tokens}-{max_tokens} new tokens per prompt; "
+             f"{requests_per_client} requests per client; seed {seed}")
+    if http_only:
+        echo(f"the full stack only: model {model} at {url}; {shape}")
+        header = {"gateway": url, "model": model}
+    else:
+        import torch
+
+        torch.manual_seed(seed)
+        numerics = describe_settings(EngineConfig(**engine_settings)) or "as loaded"
+        echo(f"smollm2 on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}; (a) in "
+             f"float32, the seed's dtype; engine numerics: {numerics}), "
+             f"{torch.get_num_threads()} threads; {shape}")
+        header = {"device": str(loaded.device), "dtype": str(loaded.dtype),
+                  "threads": torch.get_num_threads(), **({"gateway": url, "model": model}
+                                                         if url else {})}
+    local = None if http_only else (loaded, spec, engine_settings, hf_cb)
+    gateway = (url, model, api_key) if url else None
+    steps = _steps(work, concurrency, sequential, requests_per_client, local, gateway)
     rows = [step(progress(name, count) if progress else _no_tick)
             for name, count, step in steps]
     table(rows, echo)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({
-            "device": str(loaded.device), "dtype": str(loaded.dtype), "threads":
-                torch.get_num_threads(), "min_tokens": min_tokens, "max_tokens": max_tokens,
+            **header, "min_tokens": min_tokens, "max_tokens": max_tokens,
             "prompt_tokens": [min(prompt_lengths), max(prompt_lengths)],
             "seed": seed, "requests_per_client": requests_per_client,
-            "engine_settings": engine_settings,
+            "engine_settings": None if http_only else engine_settings,
             "rows": [r.to_dict() for r in rows]}, indent=2))
         plot(rows, out.with_suffix(".png"))
         echo(f"wrote {out} and {out.with_suffix('.png')}")
     return rows
+
+
+# (name, requests, run): each variant is told its progress as requests finish.
+Step = tuple[str, int, Callable[[Tick], Row]]
+
+
+def _steps(work: Workload, concurrency: list[int], sequential: int, requests_per_client: int,
+           local: tuple | None, gateway: tuple[str, str, str | None] | None) -> list[Step]:
+    """The variants in the order they run: one client first, then each concurrency.
+    `local`: (loaded, spec, engine_settings, hf_cb) for (a), (b), (c) and (e); `gateway`:
+    (url, model, api_key) for (d)."""
+    first = work.head(sequential)  # may hold fewer than `sequential`: the workload is short
+    alone = len(first.lengths)
+    steps: list[Step] = []
+    if local:
+        loaded, spec, settings, hf_cb = local
+        # (a) and (b) run transformers' model as it comes; the engine changes the one it gets.
+        engine_loaded = loaded.own_copy()
+        # (a) is the seed's way, float32 included: here it is also the faster dtype for one
+        # request at a time (docs/benchmarks.md), so the ratios to (a) do not flatter the
+        # engine.
+        steps.append(("a", alone,
+                      lambda tick: one_at_a_time(_in_float32(loaded, spec), first, tick)))
+        # One client at a time: the single-request time to first token the others are held to.
+        steps.append(("c1", alone,
+                      lambda tick: engine_run(engine_loaded, first, 1, tick, settings)))
+    if gateway:
+        url, model, key = gateway
+        steps.append(("d1", alone, lambda tick: gateway_run(url, model, first, 1, key, tick)))
+    for c in concurrency:
+        part = work.head(requests_per_client * c)
+        count = len(part.lengths)
+        if local:
+            steps.append((f"b{c}", count, lambda tick, part=part, c=c:
+                          static_batches(loaded, part, c, tick)))
+            steps.append((f"c{c}", count, lambda tick, part=part, c=c:
+                          engine_run(engine_loaded, part, c, tick, settings)))
+            if hf_cb:
+                steps.append((f"e{c}", count, lambda tick, part=part, c=c:
+                              hf_continuous(loaded, part, c, tick)))
+        if gateway:
+            steps.append((f"d{c}", count, lambda tick, part=part, c=c:
+                          gateway_run(url, model, part, c, key, tick)))
+    return steps

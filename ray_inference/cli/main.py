@@ -20,7 +20,9 @@ from ray_inference.cli import render, settings
 from ray_inference.cli.errors import (
     EPILOG,
     INTERRUPTED,
+    REJECTED,
     SERVER_ERROR,
+    UNAVAILABLE,
     USAGE,
     CliError,
 )
@@ -472,13 +474,17 @@ def _progress_bar(variant: str, requests: int):
 @answer_lengths
 @prompt_lengths
 @click.option("--sequential", type=click.IntRange(min=1), default=4, show_default=True,
-              help="How many prompts variant (a) runs one at a time (it is slow).")
+              help="How many prompts variant (a) runs one at a time (it is slow), and the "
+                   "single clients of (c) and (d).")
 @click.option("--requests-per-client", type=click.IntRange(min=1), default=2, show_default=True,
               help="Requests each client of (c) and (d) sends, one after another; (b) runs "
                    "as many batches.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--gateway", "gateway_url", default=None, metavar="URL",
               help="Also run (d): the same load through this gateway (the full stack).")
+@click.option("--http-only", is_flag=True,
+              help="Only the load generator: (d) against --gateway, else the gateway the "
+                   "client commands use (--url); no model runs here.")
 @click.option("-m", "--model", default="smollm2", show_default=True,
               help="Model name at the gateway for (d).")
 @click.option("--hf-continuous", is_flag=True,
@@ -492,24 +498,53 @@ def _progress_bar(variant: str, requests: int):
                    "configured.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write JSON here, and a PNG beside it.")
-def bench(concurrency: tuple[int, ...], answer_tokens: tuple[int, int],
+@connection_options
+@click.pass_context
+def bench(ctx: click.Context, concurrency: tuple[int, ...], answer_tokens: tuple[int, int],
           prompt_tokens: tuple[int, int] | None, sequential: int, requests_per_client: int,
-          seed: int, gateway_url: str | None, model: str, hf_continuous: bool, quantize: str,
-          kv_cache_dtype: str, out: str | None) -> None:
+          seed: int, gateway_url: str | None, http_only: bool, model: str, hf_continuous: bool,
+          quantize: str, kv_cache_dtype: str, out: str | None) -> None:
     """Benchmark SmolLM2 side by side in one run: HF one at a time (a), HF static batches (b),
     the rayinfer engine (c) and, with --gateway, the full stack over HTTP (d); prints tok/s,
-    p50 time to first token and ratios to (a) and (b).
+    p50 time to first token and ratios to (a) and (b), then req/s and p50/p90/p99 latencies.
+    With --http-only it is a load generator for a running cluster: (d) alone.
 
     \b
     Example:
         rayinfer bench -c 16 -c 64 --gateway http://127.0.0.1:8000 --out benchmarks/results/cpu.json
+        rayinfer bench --http-only -c 64 --requests-per-client 4 --url http://head:8000
     """
     from pathlib import Path
 
     from ray_inference.bench.offline import run
 
+    if http_only and (hf_continuous or quantize != "none" or kv_cache_dtype != "auto"):
+        raise click.UsageError("--hf-continuous, --quantize and --kv-cache-dtype choose how "
+                               "this machine runs (c) and (e); --http-only runs neither")
+    api_key = None
+    if gateway_url or http_only:  # the client commands' URL and API key (docs/cli.md)
+        connection = _connection(ctx)
+        source = "--gateway" if gateway_url else connection.url.source
+        gateway_url = settings.normalize_url(gateway_url) if gateway_url else connection.url.value
+        api_key = connection.api_key.value
+        _check_gateway(gateway_url, source, api_key, model)
     run(sorted(set(concurrency)), *answer_tokens, sequential, seed, gateway_url, model,
-        os.environ.get("RAYINFER_API_KEY"), Path(out) if out else None, echo=click.echo,
-        progress=_progress_bar, hf_cb=hf_continuous, requests_per_client=requests_per_client,
+        api_key, Path(out) if out else None, echo=click.echo, progress=_progress_bar,
+        hf_cb=hf_continuous, requests_per_client=requests_per_client,
         engine_settings={"quantize": quantize, "kv_cache_dtype": kv_cache_dtype},
-        prompt_tokens=prompt_tokens)
+        prompt_tokens=prompt_tokens, http_only=http_only)
+
+
+def _check_gateway(url: str, source: str, api_key: str | None, model: str) -> None:
+    """Before any load: the gateway answers, takes the key and serves the model (a wrong URL
+    fails in seconds, not after the local variants' minutes)."""
+    from ray_inference.cli.client import Client
+
+    with Client(url, api_key, url_source=source) as client:
+        served = client.model_ids()
+    if not served:
+        raise CliError(f"{url} serves no model yet: no worker has registered. Check "
+                       "`rayinfer status`; a worker may still be loading its model.", UNAVAILABLE)
+    if model not in served:
+        raise CliError(f"{url} does not serve model {model!r}; it serves: {', '.join(served)} "
+                       "(-m NAME)", REJECTED)

@@ -127,18 +127,13 @@ def load(source: ModelSource, dtype: str = "auto", device: torch.device | None =
         AutoModelForCausalLM,
         AutoModelForMaskedLM,
         AutoModelForSeq2SeqLM,
-        AutoTokenizer,
     )
 
     device = device or pick_device()
     started = time.perf_counter()
-    extra = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    try:
-        config = AutoConfig.from_pretrained(source.path, local_files_only=True, **extra)
-        tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True, **extra)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"model {source.name}: cannot read {source.path}: "
-                             f"{str(exc).splitlines()[0]}") from None
+    extra = _gguf(source)
+    config = _read(source, AutoConfig.from_pretrained)
+    tokenizer = load_tokenizer(source)
     task = detect_task(config)
     chosen = pick_dtype(dtype, device, getattr(config, "hidden_size", None) or 576)
     auto_class = {"causal": AutoModelForCausalLM, "text2text": AutoModelForSeq2SeqLM,
@@ -150,7 +145,29 @@ def load(source: ModelSource, dtype: str = "auto", device: torch.device | None =
         raise ModelLoadError(f"model {source.name}: cannot load weights from {source.path}: "
                              f"{str(exc).splitlines()[0]}") from None
     model.to(device).eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return LoadedModel(source.name, task, model, tokenizer, device, chosen,
                        _context_length(config, tokenizer), time.perf_counter() - started)
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    """The model's tokenizer, with a pad token (its end of sequence, else its unknown token,
+    where it has none): what `load` gives its LoadedModel, here without the weights."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _read(source, AutoTokenizer.from_pretrained)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def _gguf(source: ModelSource) -> dict[str, str]:
+    return {"gguf_file": source.gguf_file} if source.gguf_file else {}
+
+
+def _read(source: ModelSource, from_pretrained: Any) -> Any:
+    """A config or tokenizer of the model's files, or a ModelLoadError naming them."""
+    try:
+        return from_pretrained(source.path, local_files_only=True, **_gguf(source))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model {source.name}: cannot read {source.path}: "
+                             f"{str(exc).splitlines()[0]}") from None
