@@ -7,9 +7,10 @@ benchmarks/results/head-memory.json. WORKERS=2 starts two worker nodes that spli
 with `engine.quantize: int8` (results: cpu-int8.*, head-memory-int8.json), KV_CACHE_DTYPE=bfloat16
 with `engine.kv_cache_dtype: bfloat16` (results: cpu-bfloat16-kv.*, or cpu-int8-bfloat16-kv.*
 with both); LABEL=name adds -name to every result's name. Each worker batches up to 64
-requests.
+requests. With `--http-only` only the full stack runs (d), loaded by `rayinfer bench`.
 
     benchmarks/run_cpu.sh -c 16 -c 64 --min-tokens 64 --max-tokens 128
+    LABEL=stack benchmarks/run_cpu.sh --http-only -c 64 --requests-per-client 4
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def main(bench_args: list[str]) -> int:
             for index in range(1, workers + 1):
                 started.append(start_worker(Path(directory), {"max_batch_size": 64, **numerics},
                                             index, cpus))
-            bench = subprocess.run([str(RAYINFER), "bench", *bench_args, "--gateway", URL,
-                                    "--quantize", numerics["quantize"],
-                                    "--kv-cache-dtype", numerics["kv_cache_dtype"],
+            # --http-only: the stack alone, whose workers already run as `numerics` say.
+            local = [] if "--http-only" in bench_args else [
+                "--quantize", numerics["quantize"], "--kv-cache-dtype", numerics["kv_cache_dtype"]]
+            bench = subprocess.run([str(RAYINFER), "bench", *bench_args, "--gateway", URL, *local,
                                     "--out", str(RESULTS / f"cpu{suffix}.json")], check=False)
         finally:
             done.set()
