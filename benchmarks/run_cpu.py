@@ -7,10 +7,11 @@ benchmarks/results/head-memory.json. WORKERS=2 starts two worker nodes that spli
 with `engine.quantize: int8` (results: cpu-int8.*, head-memory-int8.json), KV_CACHE_DTYPE=bfloat16
 with `engine.kv_cache_dtype: bfloat16` (results: cpu-bfloat16-kv.*, or cpu-int8-bfloat16-kv.*
 with both); LABEL=name adds -name to every result's name. Each worker batches up to 64
-requests. With `--http-only` only the full stack runs (d), loaded by `rayinfer bench`.
+requests. With `--http-only` only the full stack runs (d), loaded by `rayinfer bench`
+(results: cpu-http-only.*, head-memory-http-only.json).
 
     benchmarks/run_cpu.sh -c 16 -c 64 --min-tokens 64 --max-tokens 128
-    LABEL=stack benchmarks/run_cpu.sh --http-only -c 64 --requests-per-client 4
+    benchmarks/run_cpu.sh --http-only -c 64 --requests-per-client 4
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main(bench_args: list[str]) -> int:
     suffix = ("" if workers == 1 else f"-{workers}-workers") + (
         "" if numerics["quantize"] == "none" else f"-{numerics['quantize']}") + (
         "" if numerics["kv_cache_dtype"] == "auto" else f"-{numerics['kv_cache_dtype']}-kv") + (
+        "-http-only" if "--http-only" in bench_args else "") + (
         f"-{os.environ['LABEL']}" if os.environ.get("LABEL") else "")
     cpus = max(1, (os.cpu_count() or 1) // workers)
     started: list[subprocess.Popen] = []
