@@ -69,6 +69,7 @@ class FakeGateway(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.requests: list[dict] = []
         self.api_key: str | None = None
+        self.models = MODELS  # what GET /v1/models answers
         self.health_status = 200
         self.disconnected = threading.Event()  # a streaming client went away mid-answer
 
@@ -116,7 +117,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = self.path.split("?")[0]
         if path == "/v1/models":
-            self._send(200, MODELS)
+            self._send(200, self.server.models)
         elif path == "/v1/cluster":
             self._send(200, CLUSTER)
         elif path == "/v1/events":
@@ -241,7 +242,8 @@ for args in (["--help"], ["ask", "--help"], ["--url", "{fake_gateway.url}", "ask
              ["--url", "{fake_gateway.url}", "status"], ["health", "--role", "worker"],
              ["bench", "--min-tokens", "9", "--max-tokens", "3"],
              ["bench", "--min-prompt-tokens", "90", "--max-prompt-tokens", "30"],
-             ["bench", "--http-only", "--url", "{fake_gateway.url}", "-m", "nope"]):
+             ["bench", "--http-only", "--url", "{fake_gateway.url}", "-m", "nope"],
+             ["bench", "--gateway", "{fake_gateway.url}", "-m", "nope"]):
     try:
         cli(args, prog_name="rayinfer")
     except SystemExit:
@@ -277,6 +279,15 @@ def test_bench_checks_the_gateway_before_any_load(env, fake_gateway):
     unreachable = run("bench", "--gateway", url, env=env)
     assert unreachable.returncode == 3
     assert f"cannot connect to {url} (from --gateway)" in one_line_error(unreachable.stderr)
+
+
+@pytest.mark.parametrize("command", [["ask", "hi"], ["bench", "--http-only"]])
+def test_a_gateway_without_models_exits_5(env, fake_gateway, command):
+    """`ask` without -m and the benchmark's check share one verdict: nothing served yet."""
+    fake_gateway.models = {"object": "list", "data": []}
+    result = run("--url", fake_gateway.url, *command, env=env)
+    assert result.returncode == 5
+    assert "serves no model yet: no worker has registered" in one_line_error(result.stderr)
 
 
 def test_bench_http_only_refuses_the_local_variants_options(env):

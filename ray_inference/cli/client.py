@@ -109,8 +109,8 @@ class Client:
         body = self.get_json("/v1/models")
         return [m["id"] for m in body.get("data") or [] if isinstance(m, dict) and "id" in m]
 
-    def default_model(self) -> str:
-        """The server's first model, so `ask` works without -m on a one-model cluster."""
+    def served_models(self) -> list[str]:
+        """The models served now; none yet is an error (no worker has registered)."""
         ids = self.model_ids()
         if not ids:
             raise CliError(
@@ -118,7 +118,18 @@ class Client:
                 "Check `rayinfer status`; a worker may still be loading its model.",
                 UNAVAILABLE,
             )
-        return ids[0]
+        return ids
+
+    def default_model(self) -> str:
+        """The server's first model, so `ask` works without -m on a one-model cluster."""
+        return self.served_models()[0]
+
+    def require_model(self, model: str) -> None:
+        """Fail unless the gateway serves `model` (before a load of requests for it)."""
+        served = self.served_models()
+        if model not in served:
+            raise CliError(f"{self.url} does not serve model {model!r}; it serves: "
+                           f"{', '.join(served)} (-m NAME)", REJECTED)
 
     def chat(self, body: dict[str, Any]) -> tuple[Answer, dict[str, Any]]:
         """One non-streamed completion: the Answer and the raw response body."""

@@ -20,9 +20,7 @@ from ray_inference.cli import render, settings
 from ray_inference.cli.errors import (
     EPILOG,
     INTERRUPTED,
-    REJECTED,
     SERVER_ERROR,
-    UNAVAILABLE,
     USAGE,
     CliError,
 )
@@ -541,10 +539,4 @@ def _check_gateway(url: str, source: str, api_key: str | None, model: str) -> No
     from ray_inference.cli.client import Client
 
     with Client(url, api_key, url_source=source) as client:
-        served = client.model_ids()
-    if not served:
-        raise CliError(f"{url} serves no model yet: no worker has registered. Check "
-                       "`rayinfer status`; a worker may still be loading its model.", UNAVAILABLE)
-    if model not in served:
-        raise CliError(f"{url} does not serve model {model!r}; it serves: {', '.join(served)} "
-                       "(-m NAME)", REJECTED)
+        client.require_model(model)
