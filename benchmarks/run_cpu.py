@@ -36,10 +36,12 @@ def main(bench_args: list[str]) -> int:
     numerics = {"quantize": os.environ.get("QUANTIZE", "none"),
                 "kv_cache_dtype": os.environ.get("KV_CACHE_DTYPE", "auto")}
     EngineConfig(**numerics)  # a wrong value fails here, not in a worker's log
+    # --http-only: the stack alone, whose workers already run as `numerics` say.
+    http_only = "--http-only" in bench_args
     suffix = ("" if workers == 1 else f"-{workers}-workers") + (
         "" if numerics["quantize"] == "none" else f"-{numerics['quantize']}") + (
         "" if numerics["kv_cache_dtype"] == "auto" else f"-{numerics['kv_cache_dtype']}-kv") + (
-        "-http-only" if "--http-only" in bench_args else "") + (
+        "-http-only" if http_only else "") + (
         f"-{os.environ['LABEL']}" if os.environ.get("LABEL") else "")
     cpus = max(1, (os.cpu_count() or 1) // workers)
     started: list[subprocess.Popen] = []
@@ -53,8 +55,7 @@ def main(bench_args: list[str]) -> int:
             for index in range(1, workers + 1):
                 started.append(start_worker(Path(directory), {"max_batch_size": 64, **numerics},
                                             index, cpus))
-            # --http-only: the stack alone, whose workers already run as `numerics` say.
-            local = [] if "--http-only" in bench_args else [
+            local = [] if http_only else [
                 "--quantize", numerics["quantize"], "--kv-cache-dtype", numerics["kv_cache_dtype"]]
             bench = subprocess.run([str(RAYINFER), "bench", *bench_args, "--gateway", URL, *local,
                                     "--out", str(RESULTS / f"cpu{suffix}.json")], check=False)

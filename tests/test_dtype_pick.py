@@ -15,6 +15,8 @@ BUSY = ("import torch, time\ntorch.set_num_threads(2)\nx = torch.randn(256, 1024
         "while time.time() < end:\n    x @ w\n")
 
 
+@pytest.mark.skipif(not _cpu_flags() & {"avx512_bf16", "amx_bf16"},
+                    reason="without bf16 instructions auto takes fp32 and times nothing")
 def test_auto_gives_the_threads_back():
     threads = torch.get_num_threads()
     assert pick_dtype("auto", CPU) in (torch.float32, torch.bfloat16)
