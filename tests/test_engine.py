@@ -305,11 +305,12 @@ def test_prompts_that_start_alike_are_prefilled_from_the_prefix_cache(model_dir,
     without.shutdown()
 
 
-def test_seeded_sampling_is_reproducible_and_per_request(model_dir):
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_seeded_sampling_is_reproducible_and_per_request(model_dir, top_p):
     _, engine = load(model_dir, "tiny-llama")
     def text(seed):
         return "".join(c.text for c in run(engine, prompt="hello", temperature=1.5, seed=seed,
-                                           max_tokens=16))
+                                           top_p=top_p, max_tokens=16))
     assert text(7) == text(7)
     assert len({text(s) for s in range(6)}) > 1
     engine.shutdown()

@@ -291,8 +291,7 @@ class CausalEngine(Engine):
 
     def _new_row(self, pending: Pending) -> _Row:
         request = pending.request
-        params = SamplingParams.create(request.temperature, request.top_p, request.seed,
-                                       self._device)
+        params = SamplingParams.create(request.temperature, request.top_p, request.seed)
         tracker = TextTracker(self.tokenizer, request.stop, request.resume_ids)
         return _Row(pending, params, tracker)
 
