@@ -22,8 +22,8 @@ import fixed_settings
 import yaml
 
 from ray_inference.bench.offline import engine_run
-from ray_inference.bench.options import answer_lengths, prompt_lengths
-from ray_inference.bench.prompts import Workload
+from ray_inference.bench.options import answer_lengths, prompt_lengths, sampling_options
+from ray_inference.bench.prompts import Sampling, Workload
 from ray_inference.config import EngineConfig
 from ray_inference.models import loader, registry
 
@@ -37,11 +37,13 @@ from ray_inference.models import loader, registry
 @click.option("--seed", type=int, default=0, show_default=True)
 @answer_lengths
 @prompt_lengths
+@sampling_options
 @click.option("--set", "fixed", multiple=True, metavar="FIELD=VALUE",
               help="another EngineConfig field's value (YAML) for every run")
 def main(setting: str, values: tuple[str, ...], concurrency: tuple[int, ...], rounds: int,
          requests_per_client: int, seed: int, answer_tokens: tuple[int, int],
-         prompt_tokens: tuple[int, int] | None, fixed: tuple[str, ...]) -> None:
+         prompt_tokens: tuple[int, int] | None, sampling: Sampling,
+         fixed: tuple[str, ...]) -> None:
     """SETTING's VALUES (YAML: true, null, int8), the first one the base."""
     if not values and EngineConfig.model_fields[setting].annotation is bool:
         values = ("true", "false")
@@ -58,7 +60,7 @@ def main(setting: str, values: tuple[str, ...], concurrency: tuple[int, ...], ro
     loaded = loader.load(registry.resolve("smollm2"))
     models = [loaded, *(loaded.own_copy() for _ in parsed[1:])]
     work = Workload.draw(requests_per_client * max(concurrency), answer_tokens, seed,
-                         prompt_tokens, loaded.tokenizer)
+                         prompt_tokens, loaded.tokenizer, sampling)
     for clients in concurrency:
         part = work.head(requests_per_client * clients)
         runs: list[list[float]] = [[] for _ in parsed]

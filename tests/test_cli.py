@@ -242,6 +242,7 @@ for args in (["--help"], ["ask", "--help"], ["--url", "{fake_gateway.url}", "ask
              ["--url", "{fake_gateway.url}", "status"], ["health", "--role", "worker"],
              ["bench", "--min-tokens", "9", "--max-tokens", "3"],
              ["bench", "--min-prompt-tokens", "90", "--max-prompt-tokens", "30"],
+             ["bench", "--top-p", "0.9"],
              ["bench", "--http-only", "--url", "{fake_gateway.url}", "-m", "nope"],
              ["bench", "--gateway", "{fake_gateway.url}", "-m", "nope"]):
     try:
@@ -261,6 +262,12 @@ def test_bench_refuses_an_empty_length_range_by_name(env, kind):
     result = run("bench", f"--min-{kind}tokens", "90", f"--max-{kind}tokens", "30", env=env)
     assert result.returncode == 2
     assert f"--min-{kind}tokens 90 is larger than --max-{kind}tokens 30" in result.stderr
+
+
+def test_bench_refuses_top_p_without_a_temperature(env):
+    result = run("bench", "--top-p", "0.9", env=env)
+    assert result.returncode == 2
+    assert "--top-p samples, so it needs a --temperature above 0 (0 is greedy)" in result.stderr
 
 
 def test_bench_checks_the_gateway_before_any_load(env, fake_gateway):

@@ -209,7 +209,7 @@ def test_load_generator_measures_every_request_over_real_http(gateway_url):
 
 def test_bench_http_only_load_tests_a_running_cluster(gateway_url, tmp_path):
     """`rayinfer bench --http-only`: the load generator alone against a real gateway, every
-    request counted, nothing run locally."""
+    request counted, nothing run locally; sampled, as users' requests are by default."""
     from click.testing import CliRunner
 
     from ray_inference.bench.prompts import Workload
@@ -219,9 +219,12 @@ def test_bench_http_only_load_tests_a_running_cluster(gateway_url, tmp_path):
     result = CliRunner().invoke(cli, [
         "bench", "--http-only", "--url", gateway_url, "-m", MODEL, "-c", "2", "-c", "3",
         "--min-tokens", "4", "--max-tokens", "7", "--sequential", "2",
-        "--requests-per-client", "2", "--seed", "5", "--out", str(out)])
+        "--requests-per-client", "2", "--seed", "5", "--temperature", "0.8", "--top-p", "0.9",
+        "--out", str(out)])
     assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())
+    assert saved["sampling"] == {"temperature": 0.8, "top_p": 0.9}
+    assert "sampled at temperature 0.8, top_p 0.9" in result.output
     assert (saved["gateway"], saved["model"], saved["engine_settings"]) == (gateway_url, MODEL,
                                                                             None)
     rows = saved["rows"]

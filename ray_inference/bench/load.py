@@ -106,7 +106,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, result: LoadResu
 async def run_load(url: str, model: str, concurrency: int, work: Workload,
                    api_key: str | None = None,
                    progress: Callable[[int], None] | None = None) -> LoadResult:
-    bodies = [{"model": model, "stream": True, "temperature": 0, "ignore_eos": True,
+    bodies = [{"model": model, "stream": True, "ignore_eos": True, **work.sampling.request_fields(),
                "messages": messages, "max_tokens": length}
               for messages, length in zip(work.messages, work.lengths, strict=True)]
     result = LoadResult(concurrency)

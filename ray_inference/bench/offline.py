@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_inference.bench.load import LoadResult
-from ray_inference.bench.prompts import Workload, chat_ids, chat_text, chat_token_counter
+from ray_inference.bench.prompts import Sampling, Workload, chat_ids, chat_text, chat_token_counter
 
 Tick = Callable[[int], None]  # told how many more requests of a variant are done
 LATENCY_KEYS = ("req_s", *(f"{name}_p{q}_s" for name in ("ttft", "itl", "e2e")
@@ -67,14 +67,14 @@ def _hf_batch(loaded, work: Workload) -> None:
     batch = loaded.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     longest = max(work.lengths)
     loaded.model.generate(**batch.to(loaded.device), max_new_tokens=longest,
-                          min_new_tokens=longest, do_sample=False,
+                          min_new_tokens=longest, **work.sampling.generate_options(),
                           pad_token_id=loaded.tokenizer.pad_token_id)
 
 
 def one_at_a_time(loaded, work: Workload, tick: Tick = _no_tick) -> Row:
     start = time.perf_counter()
     for i in range(len(work.lengths)):
-        _hf_batch(loaded, Workload([work.messages[i]], [work.lengths[i]]))
+        _hf_batch(loaded, work.part(i, i + 1))
         tick(1)
     dtype = str(loaded.dtype).removeprefix("torch.")
     return Row(f"a: HF generate, one at a time, {dtype}", 1, len(work.lengths),
@@ -84,7 +84,7 @@ def one_at_a_time(loaded, work: Workload, tick: Tick = _no_tick) -> Row:
 def static_batches(loaded, work: Workload, size: int, tick: Tick = _no_tick) -> Row:
     start = time.perf_counter()
     for i in range(0, len(work.lengths), size):
-        _hf_batch(loaded, Workload(work.messages[i:i + size], work.lengths[i:i + size]))
+        _hf_batch(loaded, work.part(i, i + size))
         tick(len(work.lengths[i:i + size]))
     return Row(f"b: HF static batches of {size}", size, len(work.lengths), sum(work.lengths),
                time.perf_counter() - start)
@@ -96,7 +96,7 @@ def hf_continuous(loaded, work: Workload, concurrency: int, tick: Tick = _no_tic
 
     inputs = [chat_ids(loaded.tokenizer, m) for m in work.messages]
     config = GenerationConfig(max_new_tokens=max(work.lengths), min_new_tokens=max(work.lengths),
-                              do_sample=False, eos_token_id=-1,
+                              **work.sampling.generate_options(), eos_token_id=-1,
                               pad_token_id=loaded.tokenizer.pad_token_id,
                               max_batch_tokens=concurrency * 64)
     start = time.perf_counter()
@@ -157,7 +157,8 @@ def engine_run(loaded, work: Workload, concurrency: int, tick: Tick = _no_tick,
                 messages, length = pending.pop()
             submitted = time.perf_counter()
             consume(engine.submit(GenerationRequest(messages=messages, max_tokens=length,
-                                                    temperature=0, ignore_eos=True)),
+                                                    ignore_eos=True,
+                                                    **work.sampling.request_fields())),
                     submitted, cold)
             cold = False
 
@@ -281,9 +282,11 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         out: Path | None = None, echo: Callable[[str], None] = print,
         progress: Callable[[str, int], Tick] | None = None, hf_cb: bool = False,
         requests_per_client: int = 2, engine_settings: dict | None = None,
-        prompt_tokens: tuple[int, int] | None = None, http_only: bool = False) -> list[Row]:
+        prompt_tokens: tuple[int, int] | None = None, http_only: bool = False,
+        sampling: Sampling | None = None) -> list[Row]:
     """`engine_settings`: EngineConfig fields for (c) (quantize, kv_cache_dtype);
-    `prompt_tokens`: the range of prompt lengths (None: the bare questions); `http_only`: only
+    `prompt_tokens`: the range of prompt lengths (None: the bare questions); `sampling`: every
+    variant's (None: greedy); `http_only`: only
     (d), the load generator against `url`, with no model loaded here (SmolLM2's tokenizer
     still draws and counts the prompts)."""
     from ray_inference.config import EngineConfig
@@ -297,12 +300,12 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
     tokenizer = loader.load_tokenizer(spec) if http_only else loaded.tokenizer
     top = max(concurrency)
     work = Workload.draw(requests_per_client * top, (min_tokens, max_tokens), seed,
-                         prompt_tokens, tokenizer)
+                         prompt_tokens, tokenizer, sampling)
     count_tokens = chat_token_counter(tokenizer)
     prompt_lengths = [count_tokens(m) for m in work.messages]
     shape = (f"concurrency {concurrency}; prompts of {min(prompt_lengths)}-"
              f"{max(prompt_lengths)} tokens; {min_tokens}-{max_tokens} new tokens per prompt; "
-             f"{requests_per_client} requests per client; seed {seed}")
+             f"{requests_per_client} requests per client; {work.sampling}; seed {seed}")
     if http_only:
         echo(f"the full stack only: model {model} at {url}; {shape}")
         header = {"gateway": url, "model": model}
@@ -329,6 +332,7 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
             **header, "min_tokens": min_tokens, "max_tokens": max_tokens,
             "prompt_tokens": [min(prompt_lengths), max(prompt_lengths)],
             "seed": seed, "requests_per_client": requests_per_client,
+            "sampling": work.sampling.request_fields(),
             "engine_settings": None if http_only else engine_settings,
             "rows": [r.to_dict() for r in rows]}, indent=2))
         plot(rows, out.with_suffix(".png"))

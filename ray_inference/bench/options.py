@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import click
 
+from ray_inference.bench.prompts import Sampling
+
 
 def _token_range(kind: str, default: tuple[int, int] | None, low_help: str, high_help: str,
                  keyword: str) -> Callable[[Callable], Callable]:
@@ -44,3 +46,22 @@ prompt_lengths = _token_range(
     "Fewest prompt tokens (chat template included): filler words go before each question. "
     "Neither this nor --max-prompt-tokens: the bare questions (34-38 tokens).",
     "Most prompt tokens.", "prompt_tokens")
+
+
+def sampling_options(command: Callable) -> Callable:
+    """--temperature and --top-p, handed to the command as one `sampling` (greedy unless
+    --temperature is above 0)."""
+    @functools.wraps(command)
+    def checked(*args, temperature: float, top_p: float, **kwargs):
+        if top_p < 1 and not temperature:
+            raise click.BadParameter("--top-p samples, so it needs a --temperature above 0 "
+                                     "(0 is greedy)")
+        return command(*args, sampling=Sampling(temperature, top_p), **kwargs)
+
+    checked = click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+                           show_default=True,
+                           help="Sample among the most likely tokens holding this much "
+                                "probability (with --temperature).")(checked)
+    return click.option("--temperature", type=click.FloatRange(0, 2), default=0.0,
+                        show_default=True,
+                        help="Every variant's sampling temperature; 0 is greedy.")(checked)

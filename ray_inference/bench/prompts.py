@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import click
@@ -53,31 +53,64 @@ def chat_token_counter(tokenizer: Any) -> Callable[[list[dict[str, str]]], int]:
     return lambda messages: len(chat_ids(tokenizer, messages))
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How every variant picks its tokens: greedy at temperature 0 (the default), else
+    sampled at this temperature among the top_p nucleus."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __str__(self) -> str:
+        if not self.temperature:
+            return "greedy"
+        return f"sampled at temperature {self.temperature:g}, top_p {self.top_p:g}"
+
+    def request_fields(self) -> dict[str, float]:
+        """The request's fields, for the engine and the HTTP API alike."""
+        return {"temperature": self.temperature, "top_p": self.top_p}
+
+    def generate_options(self) -> dict[str, Any]:
+        """transformers' generate (and GenerationConfig) options."""
+        if not self.temperature:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+
+
 @dataclass
 class Workload:
-    """Prompts and their drawn output lengths: the same work for every variant."""
+    """Prompts, their drawn output lengths and how tokens are picked: the same work for every
+    variant."""
 
     messages: list[list[dict[str, str]]]
     lengths: list[int]
+    sampling: Sampling = field(default_factory=Sampling)
 
     @classmethod
-    def make(cls, count: int, min_tokens: int, max_tokens: int, seed: int) -> Workload:
+    def make(cls, count: int, min_tokens: int, max_tokens: int, seed: int,
+             sampling: Sampling | None = None) -> Workload:
         rng = random.Random(seed)
         return cls([[{"role": "user", "content": rng.choice(QUESTIONS)}] for _ in range(count)],
-                   [rng.randint(min_tokens, max_tokens) for _ in range(count)])
+                   [rng.randint(min_tokens, max_tokens) for _ in range(count)],
+                   sampling or Sampling())
 
     @classmethod
     def draw(cls, count: int, answer_tokens: tuple[int, int], seed: int,
-             prompt_tokens: tuple[int, int] | None = None, tokenizer: Any = None) -> Workload:
+             prompt_tokens: tuple[int, int] | None = None, tokenizer: Any = None,
+             sampling: Sampling | None = None) -> Workload:
         """`make`, then with `prompt_tokens` each prompt lengthened as the model's
         `tokenizer` counts."""
-        work = cls.make(count, *answer_tokens, seed)
+        work = cls.make(count, *answer_tokens, seed, sampling)
         if prompt_tokens is None:
             return work
         return work.with_prompt_tokens(*prompt_tokens, seed, chat_token_counter(tokenizer))
 
     def head(self, count: int) -> Workload:
-        return Workload(self.messages[:count], self.lengths[:count])
+        return self.part(0, count)
+
+    def part(self, start: int, stop: int) -> Workload:
+        """Requests start to stop (not included), sampled alike."""
+        return replace(self, messages=self.messages[start:stop], lengths=self.lengths[start:stop])
 
     def with_prompt_tokens(self, low: int, high: int, seed: int,
                            count_tokens: Callable[[list[dict[str, str]]], int]) -> Workload:
@@ -106,4 +139,4 @@ class Workload:
                 raise PromptLengthError(f"could not build a prompt of exactly {target} tokens "
                                         f"around {question!r}")
             messages.append(lengthened)
-        return Workload(messages, list(self.lengths))
+        return replace(self, messages=messages, lengths=list(self.lengths))

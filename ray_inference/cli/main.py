@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, get_args
 import click
 
 from ray_inference import __version__
-from ray_inference.bench.options import answer_lengths, prompt_lengths
+from ray_inference.bench.options import answer_lengths, prompt_lengths, sampling_options
 from ray_inference.cli import render, settings
 from ray_inference.cli.errors import (
     EPILOG,
@@ -28,6 +28,7 @@ from ray_inference.cli.render import out, out_json
 from ray_inference.engine.types import KvCacheDtype, Quantize
 
 if TYPE_CHECKING:
+    from ray_inference.bench.prompts import Sampling
     from ray_inference.cli.client import Client
 
 NODE_COMMANDS = {"head", "worker"}
@@ -471,6 +472,7 @@ def _progress_bar(variant: str, requests: int):
               help="Concurrent requests (repeat for a sweep); also the static batch size of (b).")
 @answer_lengths
 @prompt_lengths
+@sampling_options
 @click.option("--sequential", type=click.IntRange(min=1), default=4, show_default=True,
               help="How many prompts variant (a) runs one at a time (it is slow), and the "
                    "single clients of (c) and (d).")
@@ -499,7 +501,8 @@ def _progress_bar(variant: str, requests: int):
 @connection_options
 @click.pass_context
 def bench(ctx: click.Context, concurrency: tuple[int, ...], answer_tokens: tuple[int, int],
-          prompt_tokens: tuple[int, int] | None, sequential: int, requests_per_client: int,
+          prompt_tokens: tuple[int, int] | None, sampling: Sampling, sequential: int,
+          requests_per_client: int,
           seed: int, gateway_url: str | None, http_only: bool, model: str, hf_continuous: bool,
           quantize: str, kv_cache_dtype: str, out: str | None) -> None:
     """Benchmark SmolLM2 side by side in one run: HF one at a time (a), HF static batches (b),
@@ -530,7 +533,7 @@ def bench(ctx: click.Context, concurrency: tuple[int, ...], answer_tokens: tuple
         api_key, Path(out) if out else None, echo=click.echo, progress=_progress_bar,
         hf_cb=hf_continuous, requests_per_client=requests_per_client,
         engine_settings={"quantize": quantize, "kv_cache_dtype": kv_cache_dtype},
-        prompt_tokens=prompt_tokens, http_only=http_only)
+        prompt_tokens=prompt_tokens, http_only=http_only, sampling=sampling)
 
 
 def _check_gateway(url: str, source: str, api_key: str | None, model: str) -> None:
