@@ -254,7 +254,7 @@ class CausalEngine(Engine):
             mask = torch.cat([mask.new_ones(len(batch), skip), mask], dim=1)
         else:
             cache = DynamicCache()
-        with sdpa.prefill_backends(self._device):
+        with sdpa.new_shape_backends(self._device):
             logits = self._forward(ids, mask, positions, cache)
         if self._prefixes is not None and not hit:
             start = int(mask[0].argmax())  # the first row holds it, after its left padding

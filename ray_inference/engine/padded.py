@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ray_inference.engine import sdpa
 from ray_inference.engine.base import Engine, Pending
 from ray_inference.engine.text import TextTracker
 from ray_inference.engine.types import GenerationRequest
@@ -53,10 +54,11 @@ class PaddedEngine(Engine):
             ids[i, :len(p.prompt_ids)] = torch.tensor(p.prompt_ids)
             mask[i, :len(p.prompt_ids)] = 1
         ids, mask = ids.to(self.loaded.device), mask.to(self.loaded.device)
-        if self.loaded.task == "fill-mask":
-            answers = self._fill_masks(batch, ids, mask)
-        else:
-            answers = self._generate(batch, ids, mask)
+        with sdpa.new_shape_backends(self.loaded.device):  # every batch may be a new shape
+            if self.loaded.task == "fill-mask":
+                answers = self._fill_masks(batch, ids, mask)
+            else:
+                answers = self._generate(batch, ids, mask)
         for pending, (tokens, reason) in zip(batch, answers, strict=True):
             text = self._text(pending, tokens)
             self.stats.tokens += len(tokens)
