@@ -285,10 +285,10 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         prompt_tokens: tuple[int, int] | None = None, http_only: bool = False,
         sampling: Sampling | None = None) -> list[Row]:
     """`engine_settings`: EngineConfig fields for (c) (quantize, kv_cache_dtype);
-    `prompt_tokens`: the range of prompt lengths (None: the bare questions); `sampling`: every
-    variant's (None: greedy); `http_only`: only
-    (d), the load generator against `url`, with no model loaded here (SmolLM2's tokenizer
-    still draws and counts the prompts)."""
+    `prompt_tokens`: the range of prompt lengths (None: the bare questions); `sampling`: how
+    every variant picks its tokens (None: greedy); `http_only`: only (d), the load generator
+    against `url`, with no model loaded here (SmolLM2's tokenizer still draws and counts the
+    prompts)."""
     from ray_inference.config import EngineConfig
     from ray_inference.models import loader, registry
 
