@@ -83,3 +83,20 @@ def test_greedy_rows_and_seeded_rows_keep_to_themselves():
     assert set(rows[0]) == {argmax[0]}
     assert set(rows[4]) == {argmax[4]}
     assert len(set(rows[1])) > 10  # sampled, not greedy
+
+
+def test_rows_without_top_p_draw_from_the_whole_distribution_beside_a_nucleus():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    params = [SamplingParams.create(1.0, 0.7, seed) if seed % 2 else
+              SamplingParams.create(1.0, 1.0, seed) for seed in range(32)]
+    rows = _draws(logits.repeat(32, 1), params, 100)
+    whole = collections.Counter(t for row in rows[0::2] for t in row)
+    assert set(whole) == {0, 1, 2, 3}
+    assert abs(whole[3] / sum(whole.values()) - 0.05) < 0.02
+    assert {t for row in rows[1::2] for t in row} == {0, 1}
+
+
+def test_nan_logits_still_give_tokens_of_the_vocabulary():
+    logits = torch.full((2, 5), float("nan"))
+    params = [SamplingParams.create(1.0, 1.0, None), SamplingParams.create(1.0, 0.9, None)]
+    assert all(0 <= t < 5 for t in sample(logits, params).tolist())

@@ -56,10 +56,18 @@ def sample(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     picked = logits if len(rows) == len(params) else logits.index_select(0, index)
     probs = torch.softmax(picked.float() / temperature[:, None], dim=-1)
     uniforms = _on(device, [params[i].uniform() for i in rows], torch.float64)
-    top_p = [params[i].top_p for i in rows]
-    if all(p >= 1.0 for p in top_p):
-        return chosen.index_copy_(0, index, _draw(probs, uniforms))
-    picks = _nucleus_draw(probs, _on(device, top_p), uniforms)
+    # Rows with top_p 1 draw from the whole distribution: they never pay for a nucleus (a
+    # row left to the full sort costs about 1.8 ms on a CPU).
+    nucleus = [j for j, i in enumerate(rows) if params[i].top_p < 1.0]
+    if len(nucleus) == len(rows):
+        picks = _nucleus_draw(probs, _on(device, [params[i].top_p for i in rows]), uniforms)
+    else:
+        picks = _draw(probs, uniforms)
+        if nucleus:
+            some = _on(device, nucleus)
+            top_p = _on(device, [params[rows[j]].top_p for j in nucleus])
+            picks.index_copy_(0, some, _nucleus_draw(probs.index_select(0, some), top_p,
+                                                     uniforms.index_select(0, some)))
     return chosen.index_copy_(0, index, picks)
 
 
@@ -80,7 +88,8 @@ def _draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     picks = torch.searchsorted(cumulative, uniforms[:, None] * total, right=True)
     # u * total can round up to the total; the last token with weight is the furthest pick.
     last = torch.searchsorted(cumulative, total.contiguous())
-    return torch.minimum(picks, last).squeeze(1)
+    # NaN weights (a broken model's logits) still give a token of the vocabulary.
+    return torch.minimum(picks, last).clamp_(max=weights.shape[-1] - 1).squeeze(1)
 
 
 def _nucleus_draw(probs: torch.Tensor, top_p: torch.Tensor,
