@@ -45,15 +45,14 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """logits: (batch, vocab). Rows with temperature 0 are greedy; the rest are sampled."""
-    # max's indices are argmax's (the first maximum on ties), 4x faster on bf16 CPU logits.
-    chosen = logits.max(dim=-1).indices
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if not rows:
-        return chosen
+        return _greedy(logits)
     device = logits.device
-    index = _on(device, rows)
+    every_row = len(rows) == len(params)
+    index = None if every_row else _on(device, rows)
     temperature = _on(device, [params[i].temperature for i in rows])
-    picked = logits if len(rows) == len(params) else logits.index_select(0, index)
+    picked = logits if every_row else logits.index_select(0, index)
     probs = torch.softmax(picked.float() / temperature[:, None], dim=-1)
     uniforms = _on(device, [params[i].uniform() for i in rows], torch.float64)
     # Rows with top_p 1 draw from the whole distribution: they never pay for a nucleus (a
@@ -68,7 +67,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
             top_p = _on(device, [params[rows[j]].top_p for j in nucleus])
             picks.index_copy_(0, some, _nucleus_draw(probs.index_select(0, some), top_p,
                                                      uniforms.index_select(0, some)))
-    return chosen.index_copy_(0, index, picks)
+    # The argmax only when some rows are greedy (2 ms at 64 rows on a CPU).
+    return picks if every_row else _greedy(logits).index_copy_(0, index, picks)
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    # max's indices are argmax's (the first maximum on ties), 4x faster on bf16 CPU logits.
+    return logits.max(dim=-1).indices
 
 
 def _on(device: torch.device, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
