@@ -99,6 +99,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def machine() -> tuple[torch.device, torch.dtype, str]:
+    """The device the GPU benchmarks run on, its dtype (bf16 on a GPU, fp32 on a CPU) and its
+    name for their reports."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16, torch.cuda.get_device_name()
+    return torch.device("cpu"), torch.float32, f"cpu, {torch.get_num_threads()} threads"
+
+
 def hf_padded(loaded, prompts, lengths, batch):
     tok = loaded.tokenizer
     tok.padding_side = "left"
@@ -234,10 +242,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    device, dtype, card = machine()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype, dtype)
     import transformers
 
     report = {"date": datetime.date.today().isoformat(), "device": card,

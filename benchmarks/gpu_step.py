@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_engine import build, sync
+from benchmarks.gpu_engine import build, machine, sync
 from ray_inference.engine import packing
 from ray_inference.engine.causal import cache_keyword
 from ray_inference.engine.graphs import DecodeGraphs
@@ -138,9 +138,7 @@ def main() -> int:
     parser.add_argument("--columns", type=int, default=512)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    device, dtype, card = machine()
     report = {"device": card, "torch": torch.__version__, "rows": args.rows,
               "columns": args.columns, "models": {}}
     print(f"{card}; torch {torch.__version__}; {args.rows} rows x {args.columns} columns",

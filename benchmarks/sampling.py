@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_engine import machine
+from benchmarks.gpu_step import timed
 from ray_inference.engine.sampling import SamplingParams, sample
 
 SETTINGS = [(1.0, 1.0), (0.7, 0.9), (1.0, 0.95)]  # (temperature, top_p)
@@ -58,20 +58,6 @@ def transformers_sample(logits: torch.Tensor, temperature: float, top_p: float) 
     return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
 
 
-def timed(call, device: torch.device, repeats: int) -> float:
-    call()  # warm up
-    seconds = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds) * 1e3
-
-
 def compare(logits: torch.Tensor, temperature: float, top_p: float, device: torch.device,
             repeats: int) -> dict[str, float]:
     rows = len(logits)
@@ -80,6 +66,8 @@ def compare(logits: torch.Tensor, temperature: float, top_p: float, device: torc
     calls = {"transformers_ms": lambda: transformers_sample(logits, temperature, top_p),
              "rayinfer_ms": lambda: sample(logits, unseeded),
              "rayinfer_seeded_ms": lambda: sample(logits, seeded)}
+    for call in calls.values():
+        call()  # warm up
     return {name: round(timed(call, device, repeats), 3) for name, call in calls.items()}
 
 
@@ -94,15 +82,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device, _, name = machine()
     sizes = [int(b) for b in args.batch.split(",")]
     if args.logits == "smollm2":
         source = smollm2_logits(max(sizes))
     else:
         source = torch.randn(max(sizes), args.vocab, generator=torch.Generator().manual_seed(0))
     source = source.to(device)
-    threads = f"cpu, {torch.get_num_threads()} threads"
-    name = torch.cuda.get_device_name() if device.type == "cuda" else threads
     print(f"{name}; {args.logits} logits, vocabulary {source.shape[1]}; medians of {args.repeats}")
     print(f"{'rows':>5} {'temperature':>11} {'top_p':>5} {'transformers':>12} "
           f"{'rayinfer':>9} {'seeded':>8} {'x':>6}")
