@@ -74,28 +74,45 @@ class LoadResult:
         }
 
 
+async def _stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float | None,
+                                                                           float | None, int]:
+    """One streamed request: when its first and last chunks came, and how many tokens the
+    final usage counted."""
+    first = last = None
+    tokens = 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            last = now
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return first, last, tokens
+
+
 async def _one(client: httpx.AsyncClient, url: str, body: dict, result: LoadResult,
                cold: bool) -> None:
     started = time.perf_counter()
-    first = last = None
-    tokens = 0
     try:
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"]["message"])
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                last = now
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
+        try:
+            first, last, tokens = await _stream(client, url, body)
+        except httpx.RemoteProtocolError as exc:
+            # A kept-alive connection that the server closed as it was reused (llama.cpp's
+            # server closes idle ones after 5 s, and httpx keeps them 5 s): nothing was
+            # answered, so the request goes once more, on a new connection, its time counted
+            # from the first try. A second failure is an error.
+            if "without sending a response" not in str(exc):
+                raise
+            first, last, tokens = await _stream(client, url, body)
     except Exception as exc:  # counted, sampled and reported, never fatal to the run
         result.errors += 1
         result.error_samples.append(str(exc)[:200])
@@ -106,7 +123,10 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, result: LoadResu
 async def run_load(url: str, model: str, concurrency: int, work: Workload,
                    api_key: str | None = None,
                    progress: Callable[[int], None] | None = None) -> LoadResult:
-    bodies = [{"model": model, "stream": True, "ignore_eos": True, **work.sampling.request_fields(),
+    # include_usage: OpenAI's way to ask for the token count that the last chunk carries
+    # (rayinfer's gateway sends it anyway; llama.cpp's server and vLLM only when asked).
+    bodies = [{"model": model, "stream": True, "stream_options": {"include_usage": True},
+               "ignore_eos": True, **work.sampling.request_fields(),
                "messages": messages, "max_tokens": length}
               for messages, length in zip(work.messages, work.lengths, strict=True)]
     result = LoadResult(concurrency)

