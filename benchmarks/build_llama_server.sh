@@ -2,7 +2,7 @@
 # Builds llama.cpp's OpenAI-compatible server (llama-server) for benchmarks/llama_server.py,
 # from the llama.cpp sources inside llama-cpp-python's sdist on PyPI (pinned below; no other
 # download), into .cache/llama.cpp/. Idempotent: prints the binary's path, building it only once.
-# About 6 minutes on 2 cores; needs cmake and a C++ compiler.
+# About 6 minutes on 2 cores; needs cmake, a C++ compiler and the .venv that `make` creates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=0.3.36  # llama-cpp-python; its vendor/llama.cpp is llama.cpp's commit 0c1e570
