@@ -108,8 +108,8 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, result: LoadResu
         except httpx.RemoteProtocolError as exc:
             # A kept-alive connection that the server closed as it was reused (llama.cpp's
             # server closes idle ones after 5 s, and httpx keeps them 5 s): nothing was
-            # answered, so the request goes once more, on a new connection, its time counted
-            # from the first try. A second failure is an error.
+            # answered, so the request goes once more (the pool has dropped that connection),
+            # its time counted from the first try. A second failure is an error.
             if "without sending a response" not in str(exc):
                 raise
             first, last, tokens = await _stream(client, url, body)
