@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -548,9 +549,15 @@ def test_health_follows_the_gateway(env, fake_gateway):
 PROMPT = r"rayinfer \([^)]+\) \[\d+\]> "
 
 
+def _at_a_terminal() -> None:
+    """Ctrl-C as at a terminal: a suite started in the background (`make test &`) inherits
+    SIGINT ignored, which a spawned CLI would keep."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn_chat(env, url, *args):
     child = pexpect.spawn(RAYINFER, ["--url", url, "chat", *args], env=env, encoding="utf-8",
-                          timeout=20, dimensions=(40, 200))
+                          timeout=20, dimensions=(40, 200), preexec_fn=_at_a_terminal)
     child.expect(PROMPT)
     return child
 
@@ -621,7 +628,7 @@ def test_chat_ctrl_c_cancels_the_answer_and_ctrl_d_leaves(env, fake_gateway):
 
 def test_ask_ctrl_c_exits_130(env, fake_gateway):
     child = pexpect.spawn(RAYINFER, ["--url", fake_gateway.url, "ask", "-m", "slow", "go"], env=env,
-                          encoding="utf-8", timeout=20)
+                          encoding="utf-8", timeout=20, preexec_fn=_at_a_terminal)
     child.expect("tick tick")
     child.sendintr()
     child.expect(pexpect.EOF)
