@@ -17,16 +17,19 @@ Uses the ports of benchmarks/local_stack.py, and 127.0.0.1:28080 for llama-serve
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import fixed_settings
-from local_stack import URL, start_head, start_worker, stop
+from local_stack import head_and_worker, stop
 
 from ray_inference.bench.offline import Row, gateway_run
 from ray_inference.bench.prompts import Sampling, Workload
@@ -38,9 +41,11 @@ LLAMA_URL = f"http://127.0.0.1:{LLAMA_PORT}"
 SLOT_TOKENS = 512  # context per llama-server slot: the workload's prompts and answers fit
 
 
-def start_llama_server(binary: Path, gguf: Path, slots: int, log: Path) -> subprocess.Popen:
+@contextlib.contextmanager
+def llama_server(binary: Path, gguf: Path, slots: int, log: Path) -> Iterator[str]:
     """llama-server on 127.0.0.1 with every core, `slots` parallel sequences in continuous
-    batching, serving `gguf` as model "smollm2", once its /health says it is ready."""
+    batching, serving `gguf` as model "smollm2", for the `with` block (its URL), once its
+    /health says it is ready."""
     cores = str(os.cpu_count() or 1)
     with open(log, "w") as out:
         process = subprocess.Popen(
@@ -49,13 +54,15 @@ def start_llama_server(binary: Path, gguf: Path, slots: int, log: Path) -> subpr
              "--parallel", str(slots), "--ctx-size", str(slots * SLOT_TOKENS),
              "--cont-batching", "--no-webui"],
             stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while probe(f"{LLAMA_URL}/health", 2)[0] is not True:
-        if time.monotonic() > deadline or process.poll() is not None:
-            stop(process)
-            raise RuntimeError(f"llama-server did not start: {log.read_text()[-2000:]}")
-        time.sleep(1)
-    return process
+    try:
+        deadline = time.monotonic() + 120
+        while probe(f"{LLAMA_URL}/health", 2)[0] is not True:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"llama-server did not start: {log.read_text()[-2000:]}")
+            time.sleep(1)
+        yield LLAMA_URL
+    finally:
+        stop(process)
 
 
 def _ms(seconds: float | None) -> str:
@@ -127,36 +134,25 @@ def main() -> None:
     work = Workload.make(2 * max(concurrency), 64, 128, 0,
                          sampling=Sampling(temperature=args.temperature))
     settings = ", ".join(f"{k}={v}" for k, v in engine.items())
-    servers = [f"rayinfer ({settings or 'defaults'})", *(f"llama.cpp {g.name}" for g in ggufs)]
-    runs = []
     with tempfile.TemporaryDirectory() as directory:
+        # (name, a context that runs that server and gives its URL), in the order they take turns.
+        servers = [(f"rayinfer ({settings or 'defaults'})", functools.partial(
+            head_and_worker, Path(directory), {**engine, "max_batch_size": max(concurrency)}))]
+        servers += [(f"llama.cpp {gguf.name}", functools.partial(
+            llama_server, args.llama_server, gguf, max(concurrency),
+            Path(directory) / "llama-server.log")) for gguf in ggufs]
+        names = [name for name, _ in servers]
+        runs = []
         for round_ in range(1, args.rounds + 1):
-            for server in servers:
-                if server.startswith("rayinfer"):
-                    started = [start_head(Path(directory))]
-                    url = URL
-                    try:
-                        started.append(start_worker(Path(directory), {
-                            **engine, "max_batch_size": max(concurrency)}))
-                    except BaseException:
-                        stop(started[0])
-                        raise
-                else:
-                    gguf = ggufs[servers.index(server) - 1]
-                    started = [start_llama_server(args.llama_server, gguf, max(concurrency),
-                                                  Path(directory) / "llama-server.log")]
-                    url = LLAMA_URL
-                try:
+            for name, serving in servers:
+                with serving() as url:
                     for c in concurrency:
                         row = gateway_run(url, "smollm2", work.head(2 * c), c, None)
-                        runs.append({"server": server, "round": round_, **row.to_dict()})
-                        _print_run(round_, server, c, row)
-                        _save(args.out, servers=servers, engine=engine,
+                        runs.append({"server": name, "round": round_, **row.to_dict()})
+                        _print_run(round_, name, c, row)
+                        _save(args.out, servers=names, engine=engine,
                               ggufs=[str(g) for g in ggufs], runs=runs)
-                finally:
-                    for process in reversed(started):
-                        stop(process)
-    _medians(runs, servers, concurrency)
+    _medians(runs, names, concurrency)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ ports 26379-26450 and its gateway on 127.0.0.1:28000, worker N's on 127.0.0.(N +
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -72,3 +74,18 @@ def start_worker(directory: Path, engine: dict, index: int = 1, num_cpus: int | 
 def stop(process: subprocess.Popen) -> None:
     process.terminate()
     process.wait(timeout=180)
+
+
+@contextlib.contextmanager
+def head_and_worker(directory: Path, engine: dict) -> Iterator[str]:
+    """A head and one worker with every core and these `engine:` settings, for the `with`
+    block (the gateway's URL); both are stopped after it, the worker first."""
+    head = start_head(directory)
+    try:
+        worker = start_worker(directory, engine)
+        try:
+            yield URL
+        finally:
+            stop(worker)
+    finally:
+        stop(head)

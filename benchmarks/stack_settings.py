@@ -22,7 +22,7 @@ from pathlib import Path
 
 import fixed_settings
 import yaml
-from local_stack import URL, start_head, start_worker, stop
+from local_stack import head_and_worker
 
 from ray_inference.bench.offline import gateway_run
 from ray_inference.bench.prompts import Workload
@@ -50,22 +50,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         for round_ in range(1, args.rounds + 1):
             for value in values:
-                head = start_head(Path(directory))
-                try:
-                    worker = start_worker(Path(directory), {
-                        **fixed, args.setting: value, "max_batch_size": max(concurrency)})
-                    try:
-                        for c in concurrency:
-                            row = gateway_run(URL, "smollm2", work.head(2 * c), c, None)
-                            runs.append({"value": value, "round": round_, **row.to_dict()})
-                            print(f"round {round_}  {args.setting}={value!s:10}  {c:3d} clients  "
-                                  f"{row.tok_s:7.1f} tok/s  TTFT p50 {row.ttft_p50_s:.3f} s "
-                                  f"(steady {row.ttft_steady_p50_s:.3f} s)  errors {row.errors}",
-                                  flush=True)
-                    finally:
-                        stop(worker)
-                finally:
-                    stop(head)
+                with head_and_worker(Path(directory), {
+                        **fixed, args.setting: value, "max_batch_size": max(concurrency)}) as url:
+                    for c in concurrency:
+                        row = gateway_run(url, "smollm2", work.head(2 * c), c, None)
+                        runs.append({"value": value, "round": round_, **row.to_dict()})
+                        print(f"round {round_}  {args.setting}={value!s:10}  {c:3d} clients  "
+                              f"{row.tok_s:7.1f} tok/s  TTFT p50 {row.ttft_p50_s:.3f} s "
+                              f"(steady {row.ttft_steady_p50_s:.3f} s)  errors {row.errors}",
+                              flush=True)
     print(f"medians over {args.rounds} rounds:")
     for c in concurrency:
         base = None

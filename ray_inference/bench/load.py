@@ -124,7 +124,7 @@ async def run_load(url: str, model: str, concurrency: int, work: Workload,
                    api_key: str | None = None,
                    progress: Callable[[int], None] | None = None) -> LoadResult:
     # include_usage: OpenAI's way to ask for the token count that the last chunk carries
-    # (rayinfer's gateway sends it anyway; llama.cpp's server and vLLM only when asked).
+    # (rayinfer's gateway sends it anyway; llama.cpp's server only when asked).
     bodies = [{"model": model, "stream": True, "stream_options": {"include_usage": True},
                "ignore_eos": True, **work.sampling.request_fields(),
                "messages": messages, "max_tokens": length}

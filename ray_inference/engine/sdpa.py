@@ -20,7 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 CUDA_NEW_SHAPE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                         SDPBackend.MATH]
+                           SDPBackend.MATH]
 
 
 def new_shape_backends(device: torch.device) -> contextlib.AbstractContextManager:
