@@ -1,9 +1,11 @@
-"""What `engine.quantize: int8` (ray_inference/engine/quantize.py) and `engine.kv_cache_dtype:
-bfloat16` cost SmolLM2 in quality.
+"""What `engine.quantize: int8` (ray_inference/engine/quantize.py), `engine.kv_cache_dtype:
+bfloat16` and `engine.int4_max_rows` (int4.py) cost SmolLM2 in quality.
 
 Side by side in one process: SmolLM2 in fp32, in bf16, in fp32 with attention over bf16 K/V,
-with `quantize` (every linear layer but the output layer in int8), with both, and with the
-output layer in int8 too. Attention over bf16 K/V runs as the engine's decode steps run it
+with `quantize` (every linear layer but the output layer in int8), with both, with the
+output layer in int8 too, and with 4-bit copies of its layers for products of at most 16 rows
+(the default: the greedy answers' decode steps run on them, perplexity's 512-token passes
+do not) and for every product. Attention over bf16 K/V runs as the engine's decode steps run it
 (the query cast to bf16, the output back): for perplexity at every token (an upper bound: the
 engine's prefill attends over its prompt's fp32 K/V), for greedy answers at decode steps only,
 as in the engine. For each: perplexity over the
@@ -26,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ray_inference.bench.prompts import Workload
-from ray_inference.engine import quantize
+from ray_inference.engine import int4, quantize
 from ray_inference.models import loader, registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +71,13 @@ def variants():
     model.set_attn_implementation("sdpa")
     model.lm_head = quantize.Int8Linear(model.lm_head)
     yield "int8, output layer too", model
+    model = loader.load(spec, "float32").model
+    int4.add_copies(model, int4.AUTO_MAX_ROWS, only_exact=True)
+    yield f"int4 copies, <= {int4.AUTO_MAX_ROWS} rows", model
+    for layer in model.modules():
+        if isinstance(layer, int4.FewRowsInt4Linear):
+            layer.max_rows = 1 << 30
+    yield "int4 copies, every product", model
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -29,6 +29,8 @@ class _Section(BaseModel):
 
 
 _PORT = {"ge": 0, "le": 65535}
+# engine.int4_max_rows: a row count, or auto.
+Int4MaxRows = Annotated[int, Field(ge=0, le=4096)] | Literal["auto"]
 
 
 class RayPorts(_Section):
@@ -126,6 +128,14 @@ class EngineConfig(_Section):
     # per second, slightly different answers (SmolLM2's perplexity 2.6% higher), so off;
     # ignored on GPUs and by T5/BERT models.
     quantize: Quantize = "none"
+    # CPU workers, generation models: products of at most this many rows (decode steps of a few
+    # requests) multiply by a 4-bit copy of each linear weight but the output layer's (groups of
+    # 32, as a Q4_1 GGUF stores them), a fifth of the bytes to read: a lone request's tokens
+    # came 1.5x as fast (docs/engine.md). Inputs are rounded to bf16. auto: 16 rows where the
+    # model runs in fp32 and a layer's weights are 4-bit already (the packaged SmolLM2: the
+    # copy holds the same weights), else none; a number gives every layer a copy (rounding
+    # weights that are not 4-bit); 0: no copies. Ignored on GPUs.
+    int4_max_rows: Int4MaxRows = "auto"
     # The KV cache's dtype; auto keeps the model's. bfloat16 on a CPU worker that runs fp32
     # holds the same tokens in half the memory and reads them faster in decode attention;
     # rounded K/V change answers slightly (docs/engine.md). Models whose attention does not go

@@ -111,6 +111,8 @@ def test_engine_rows_name_the_engines_numerics_and_settings_scripts_take_fixed_f
     assert describe_settings(EngineConfig()) == ""
     assert describe_settings(EngineConfig(quantize="int8", kv_cache_dtype="bfloat16")) == \
         "int8, bfloat16 K/V"
+    assert describe_settings(EngineConfig(int4_max_rows=4)) == "int4 <= 4 rows"
+    assert describe_settings(EngineConfig(int4_max_rows=0)) == "no int4 copies"
     assert parse(["quantize=int8", "openmp_spin_count=null"], "kv_cache_dtype") == {
         "quantize": "int8", "openmp_spin_count": None}
     for bad in ("quantize", "no_such_field=1", "kv_cache_dtype=auto"):

@@ -111,8 +111,12 @@ def hf_continuous(loaded, work: Workload, concurrency: int, tick: Tick = _no_tic
 
 
 def describe_settings(config) -> str:
-    """The engine's non-default numerics, for a row's label: "int8, bfloat16 K/V"."""
+    """The engine's non-default numerics, for a row's label: "int8, int4 <= 4 rows,
+    bfloat16 K/V"."""
     parts = [config.quantize] if config.quantize != "none" else []
+    if config.int4_max_rows != "auto":
+        parts.append(f"int4 <= {config.int4_max_rows} rows" if config.int4_max_rows
+                     else "no int4 copies")
     if config.kv_cache_dtype != "auto":
         parts.append(f"{config.kv_cache_dtype} K/V")
     return ", ".join(parts)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ray_inference.engine import packing, prepack, quantize, sdpa
+from ray_inference.engine import int4, packing, prepack, quantize, sdpa
 from ray_inference.engine.base import Engine, Pending, short_dtype
 from ray_inference.engine.graphs import MIN_COLUMNS, MIN_ROWS, DecodeGraphs, bucket
 from ray_inference.engine.kv import COLUMN_CHUNK, SlotKV
@@ -89,6 +89,9 @@ class CausalEngine(Engine):
         self._overlap = self._device.type == "cuda" if overlap is None else overlap
         self._launched: _Launched | None = None
         self._prefixes = PrefixCache() if config.prefix_cache else None
+        # Before the rewrites below, which take each layer's weight apart: the copies are made
+        # from it, and each copy's layer for many rows is then packed or quantized in turn.
+        self._int4_rows, self._int4_copies = self._add_int4_copies(config.int4_max_rows)
         self._quantized = self._quantize(config.quantize)
         self._prepacked = (prepack.pack(self._model) if config.prepack_weights
                            and prepack.supported(self._device, self._dtype) else 0)
@@ -118,6 +121,24 @@ class CausalEngine(Engine):
             return 0
         return quantize.quantize(self._model)
 
+    def _add_int4_copies(self, setting: int | str) -> tuple[int, int]:
+        """The most rows a product runs on 4-bit copies, and how many layers have one."""
+        if setting == 0:
+            return 0, 0
+        if self._device.type != "cpu":
+            if setting != "auto":
+                log.warning("engine.int4_max_rows: %s runs on CPU workers only; this %s worker "
+                            "makes no 4-bit copies", setting, self._device.type)
+            return 0, 0
+        if setting == "auto":
+            if self._dtype != torch.float32:  # measured against fp32's products only
+                return 0, 0
+            rows, copies = int4.AUTO_MAX_ROWS, int4.add_copies(self._model, int4.AUTO_MAX_ROWS,
+                                                                only_exact=True)
+        else:
+            rows, copies = setting, int4.add_copies(self._model, setting, only_exact=False)
+        return (rows, copies) if copies else (0, 0)
+
     def _kv_cache_dtype(self, name: str) -> torch.dtype:
         """The dtype the slots' K/V are stored in: the model's, or the one asked for where
         decode steps run the engine's own attention (which casts the query to it)."""
@@ -131,9 +152,12 @@ class CausalEngine(Engine):
         return getattr(torch, name)
 
     def numerics(self) -> str:
-        """The model's dtype, then "int8" when its linear layers run in int8 and "kv:bf16"
-        when the KV cache keeps another dtype: "fp32 int8 kv:bf16"."""
+        """The model's dtype, then "int8" when its linear layers run in int8, "int4<=16" when
+        products of up to 16 rows run on 4-bit copies, and "kv:bf16" when the KV cache keeps
+        another dtype: "fp32 int8 int4<=16 kv:bf16"."""
         parts = [super().numerics()] + (["int8"] if self._quantized else [])
+        if self._int4_copies:
+            parts.append(f"int4<={self._int4_rows}")
         if self._kv_dtype != self._dtype:
             parts.append(f"kv:{short_dtype(self._kv_dtype)}")
         return " ".join(parts)
@@ -162,6 +186,7 @@ class CausalEngine(Engine):
                 "cuda_graphs": self._graphs is not None, "grouped_query_steps": self._grouped_query,
                 "packed_steps": self._packed_steps, "pack_arrivals": self._packing,
                 "prepacked_linears": self._prepacked, "int8_linears": self._quantized,
+                "int4_linears": self._int4_copies, "int4_max_rows": self._int4_rows,
                 "kv_dtype": str(self._kv_dtype).removeprefix("torch.")}
         if self._graphs is not None:
             info.update(graph_captures=self._graphs.captures, graph_replays=self._graphs.replays)

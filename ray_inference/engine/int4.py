@@ -1,0 +1,149 @@
+"""A 4-bit copy of each linear weight for products of a few rows (`engine.int4_max_rows`).
+
+A decode step of one or a few rows computes little and reads every weight once: on a 2-core
+Xeon without AMX, SmolLM2's fp32 products took 21 ms of a 33.5 ms one-row step (MKL reading
+540 MB at about 25 GB/s). Kept in 4 bits with a scale and an offset per group of 32 inputs,
+the same weights are about a fifth of those bytes, and torch's CPU int4 kernel
+(`_weight_int4pack_mm_for_cpu`, AVX-512, bf16 inputs, fp32 sums) ran all of SmolLM2's layers
+for one row in 6 ms against MKL's 17-19. Its advantage shrinks with every row (0.45x the time
+at 4 rows, 0.68x at 8, 0.93x at 16, 2x at 64), so each call picks by its own row count: at
+most `max_rows` rows go to the copy, more to the layer as it is (MKL-packed, int8 or plain).
+
+A Q4_1 GGUF (the packaged SmolLM2) stores each weight as one of 16 levels per group of 32
+inputs, from a scale and a minimum per group. transformers dequantizes them to the model's
+dtype, and rounding those weights to the same groups finds the same levels: the copy holds the
+model's own weights (checked at load: each weight must sit on its level). Its inputs and
+outputs are rounded to bf16 (the kernel's fp32 path has no vector code: 7x slower than MKL at
+one row; fp16 likewise), and so are its scales and offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ray_inference.engine import linears
+
+log = logging.getLogger(__name__)
+
+GROUP = 32  # inputs per group with their own scale and offset (a Q4_1 block)
+_TOP = 15  # levels 0..15
+_KERNEL_OFFSET = 8  # the kernel computes (level - 8) * scale + zero
+# A weight this close to its level (a fraction of a step) was on it before rounding: exact
+# in fp32 for a dequantized Q4_1 GGUF (0.0 for SmolLM2), about 0.015 after rounding to bf16,
+# and up to 0.5 for weights that never were 4-bit.
+_ON_LEVEL = 0.05
+_INNER_K_TILES = 2  # the packed layout's tiling, as torchao packs for CPUs
+_TINY = torch.finfo(torch.float32).tiny
+# Where `engine.int4_max_rows` is auto: the most rows whose products go to the copy (one
+# SmolLM2 engine: 1.47x the tokens per second for one client, 1.42x for 4, 1.09x for 16;
+# past 16 rows MKL's fp32 products are faster; docs/benchmarks.md).
+AUTO_MAX_ROWS = 16
+
+
+@dataclass
+class FourBit:
+    """A weight rounded to 16 levels per group of GROUP inputs (min-max, as Q4_1 rounds)."""
+
+    levels: torch.Tensor  # int32 (out, in), 0..15
+    scale: torch.Tensor  # float32 (out, in / GROUP, 1)
+    minimum: torch.Tensor  # float32 (out, in / GROUP, 1)
+    exact: bool  # every weight was on its level already
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> FourBit:
+        out_features, in_features = weight.shape
+        groups = weight.detach().float().reshape(out_features, in_features // GROUP, GROUP)
+        minimum = groups.amin(dim=-1, keepdim=True)
+        scale = ((groups.amax(dim=-1, keepdim=True) - minimum) / _TOP).clamp(min=_TINY)
+        steps = (groups - minimum) / scale
+        levels = steps.round()
+        exact = bool(((steps - levels).abs() <= _ON_LEVEL).all())
+        return cls(levels.clamp_(0, _TOP).to(torch.int32).reshape(out_features, in_features),
+                   scale, minimum, exact)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the copy holds, in fp32."""
+        out_features, in_features = self.levels.shape
+        groups = self.levels.reshape(out_features, in_features // GROUP, GROUP)
+        return (groups * self.scale + self.minimum).reshape(out_features, in_features)
+
+
+class FewRowsInt4Linear(linears.LinearReplacement):
+    """A linear layer whose calls of at most `max_rows` rows multiply by a 4-bit copy of its
+    weight; larger calls go to the layer itself (`many_rows`, which the CPU weight rewrites
+    may replace in turn)."""
+
+    def __init__(self, linear: torch.nn.Linear, max_rows: int, four_bit: FourBit):
+        super().__init__(linear)
+        self.many_rows = linear
+        self.max_rows = max_rows
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(four_bit.levels,
+                                                                        _INNER_K_TILES)
+        zero = four_bit.minimum + _KERNEL_OFFSET * four_bit.scale
+        # (in / GROUP, out, 2): each group's scale and offset, the layout the kernel reads.
+        self.scales_and_zeros = (torch.cat([four_bit.scale, zero], dim=-1).transpose(0, 1)
+                                 .contiguous().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if not 0 < rows <= self.max_rows:
+            return self.many_rows(x)
+        self.check_width(x)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(rows, self.in_features).to(torch.bfloat16), self.packed, GROUP,
+            self.scales_and_zeros).to(x.dtype)
+        if self.bias is not None:
+            out += self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def fits(linear: torch.nn.Linear) -> bool:
+    """The kernel's shapes: inputs in whole groups, outputs in multiples of 16."""
+    return linear.in_features % GROUP == 0 and linear.out_features % 16 == 0
+
+
+def add_copies(model: torch.nn.Module, max_rows: int, only_exact: bool) -> int:
+    """Give every CPU linear layer of the model but its output layer a 4-bit copy for calls of
+    at most `max_rows` rows (`only_exact`: only layers whose weights are 4-bit already);
+    returns how many. A build without the kernel, or whose products disagree, adds none."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    places = linears.cpu_linears(model, lambda linear: linear is not output and fits(linear))
+    if not places or not _works():
+        return 0
+    copies = rounded = 0
+    for parent, name in places:
+        linear = getattr(parent, name)
+        four_bit = FourBit.of(linear.weight)
+        if only_exact and not four_bit.exact:
+            continue
+        rounded += not four_bit.exact
+        setattr(parent, name, FewRowsInt4Linear(linear, max_rows, four_bit))
+        copies += 1
+    if rounded:
+        log.warning("engine.int4_max_rows: %d linear layers were not 4-bit; their copies round "
+                    "the weights, so answers of %d rows or fewer change", rounded, max_rows)
+    return copies
+
+
+def _works() -> bool:
+    """Whether this build has the CPU int4 kernel and it computes what the levels say."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(32, 2 * GROUP, generator=generator)
+    four_bit = FourBit.of(weight)
+    x = torch.randn(3, 2 * GROUP, generator=generator)
+    try:
+        layer = FewRowsInt4Linear(torch.nn.Linear(2 * GROUP, 32, bias=False), 3, four_bit)
+        with torch.inference_mode():
+            out = layer(x)
+    except (RuntimeError, AttributeError) as exc:  # AttributeError: no such op in this torch
+        log.warning("this build has no CPU int4 kernel (%s); engine.int4_max_rows is ignored",
+                    exc)
+        return False
+    expected = x @ four_bit.dequantized().t()
+    agrees = torch.allclose(out, expected, rtol=0.02, atol=0.05 * expected.abs().max().item())
+    if not agrees:
+        log.warning("this build's CPU int4 products disagree; engine.int4_max_rows is ignored")
+    return agrees
