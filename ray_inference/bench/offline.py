@@ -317,7 +317,7 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         import torch
 
         torch.manual_seed(seed)
-        numerics = describe_settings(EngineConfig(**engine_settings)) or "as loaded"
+        numerics = describe_settings(EngineConfig(**engine_settings)) or "the defaults"
         echo(f"smollm2 on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}; (a) in "
              f"float32, the seed's dtype; engine numerics: {numerics}), "
              f"{torch.get_num_threads()} threads; {shape}")
