@@ -4,10 +4,11 @@ A decode step of one or a few rows computes little and reads every weight once: 
 Xeon without AMX, SmolLM2's fp32 products took 21 ms of a 33.5 ms one-row step (MKL reading
 540 MB at about 25 GB/s). Kept in 4 bits with a scale and an offset per group of 32 inputs,
 the same weights are about a fifth of those bytes, and torch's CPU int4 kernel
-(`_weight_int4pack_mm_for_cpu`, AVX-512, bf16 inputs, fp32 sums) ran all of SmolLM2's layers
-for one row in 6 ms against MKL's 17-19. Its advantage shrinks with every row (0.45x the time
-at 4 rows, 0.68x at 8, 0.93x at 16, 2x at 64), so each call picks by its own row count: at
-most `max_rows` rows go to the copy, more to the layer as it is (MKL-packed, int8 or plain).
+(`_weight_int4pack_mm_for_cpu`: AVX-512 code for bf16 inputs) ran all of SmolLM2's layers
+for one row in 6 ms against MKL's 17-19. Its advantage shrinks with every row (0.45x MKL's
+time at 4 rows, 0.73x at 8, 1.02x at 16, 2x at 64), so each call picks by its own row count:
+at most `max_rows` rows go to the copy, more to the layer as it is (MKL-packed, int8 or
+plain).
 
 A Q4_1 GGUF (the packaged SmolLM2) stores each weight as one of 16 levels per group of 32
 inputs, from a scale and a minimum per group. transformers dequantizes them to the model's
