@@ -130,7 +130,7 @@ class EngineConfig(_Section):
     quantize: Quantize = "none"
     # CPU workers, generation models: products of at most this many rows (decode steps of a few
     # requests) multiply by a 4-bit copy of each linear weight but the output layer's (groups of
-    # 32, as a Q4_1 GGUF stores them), a fifth of the bytes to read: a lone request's tokens
+    # 32, as a Q4_1 GGUF stores them), a sixth of fp32's bytes to read: a lone request's tokens
     # came 1.5x as fast (docs/engine.md). Inputs are rounded to bf16. auto: 16 rows where the
     # model runs in fp32 and a layer's weights are 4-bit already (the packaged SmolLM2: the
     # copy holds the same weights), else none; a number gives every layer a copy (rounding

@@ -3,9 +3,9 @@
 A decode step of one or a few rows computes little and reads every weight once: on a 2-core
 Xeon without AMX, SmolLM2's fp32 products took 21 ms of a 33.5 ms one-row step (MKL reading
 540 MB at about 25 GB/s). Kept in 4 bits with a scale and an offset per group of 32 inputs,
-the same weights are about a fifth of those bytes, and torch's CPU int4 kernel
-(`_weight_int4pack_mm_for_cpu`: AVX-512 code for bf16 inputs) ran all of SmolLM2's layers
-for one row in 6 ms against MKL's 17-19. Its advantage shrinks with every row (0.45x MKL's
+the same weights are about a sixth of those bytes (5/8 of a byte a weight), and torch's CPU
+int4 kernel (`_weight_int4pack_mm_for_cpu`: AVX-512 code for bf16 inputs) ran all of
+SmolLM2's layers for one row in 6 ms against MKL's 17-19. Its advantage shrinks with every row (0.45x MKL's
 time at 4 rows, 0.73x at 8, 1.02x at 16, 2x at 64), so each call picks by its own row count:
 at most `max_rows` rows go to the copy, more to the layer as it is (MKL-packed, int8 or
 plain).
@@ -36,7 +36,7 @@ _KERNEL_OFFSET = 8  # the kernel computes (level - 8) * scale + zero
 # in fp32 for a dequantized Q4_1 GGUF (0.0 for SmolLM2), about 0.015 after rounding to bf16,
 # and up to 0.5 for weights that never were 4-bit.
 _ON_LEVEL = 0.05
-_INNER_K_TILES = 2  # the packed layout's tiling, as torchao packs for CPUs
+_INNER_K_TILES = 2  # the packed layout's tiling along the inputs (the value measured)
 _TINY = torch.finfo(torch.float32).tiny
 # Where `engine.int4_max_rows` is auto: the most rows whose products go to the copy (one
 # SmolLM2 engine: 1.47x the tokens per second for one client, 1.42x for 4, 1.09x for 16;
@@ -125,7 +125,8 @@ def add_copies(model: torch.nn.Module, max_rows: int, only_exact: bool) -> int:
         copies += 1
     if rounded:
         log.warning("engine.int4_max_rows: %d linear layers were not 4-bit; their copies round "
-                    "the weights, so answers of %d rows or fewer change", rounded, max_rows)
+                    "the weights, so products of %d rows or fewer (decode steps of that many "
+                    "requests) give slightly different answers", rounded, max_rows)
     return copies
 
 
