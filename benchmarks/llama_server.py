@@ -24,12 +24,11 @@ import os
 import statistics
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import fixed_settings
-from local_stack import head_and_worker, stop
+from local_stack import head_and_worker, stop, wait_ready
 
 from ray_inference.bench.offline import Row, gateway_run
 from ray_inference.bench.prompts import Sampling, Workload
@@ -55,11 +54,8 @@ def llama_server(binary: Path, gguf: Path, slots: int, log: Path) -> Iterator[st
              "--cont-batching", "--no-webui"],
             stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while probe(f"{LLAMA_URL}/health", 2)[0] is not True:
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"llama-server did not start: {log.read_text()[-2000:]}")
-            time.sleep(1)
+        wait_ready(process, lambda: probe(f"{LLAMA_URL}/health", 2)[0] is True, "llama-server",
+                   log, 120)
         yield LLAMA_URL
     finally:
         stop(process)

@@ -34,7 +34,9 @@ def _launch(directory: Path, name: str, role: str, config: dict, *args: str) -> 
                                 env={**os.environ, "RAY_AUTH_MODE": "disabled"})
 
 
-def _wait(process: subprocess.Popen, ready, what: str, log: Path, timeout_s: float) -> None:
+def wait_ready(process: subprocess.Popen, ready, what: str, log: Path, timeout_s: float) -> None:
+    """Until `ready()` says so; fails with the end of `log` if the process exits first or
+    `timeout_s` passes."""
     deadline = time.monotonic() + timeout_s
     while not ready():
         if time.monotonic() > deadline or process.poll() is not None:
@@ -46,7 +48,7 @@ def start_head(directory: Path, **head: object) -> subprocess.Popen:
     """A head with these `head:` settings, once its gateway answers."""
     process = _launch(directory, "head", "head", {"ports": PORTS, "head": {
         "ray_port": 26379, "node_ip": "127.0.0.1", "gateway_port": GATEWAY, **head}})
-    _wait(process, lambda: probe(f"{URL}/health/live", 2)[0], "the head", directory / "head.log",
+    wait_ready(process, lambda: probe(f"{URL}/health/live", 2)[0], "the head", directory / "head.log",
           120)
     return process
 
@@ -67,7 +69,7 @@ def start_worker(directory: Path, engine: dict, index: int = 1, num_cpus: int | 
         actors = body.get("actors") or [] if isinstance(body, dict) else []
         return sum(a.get("state") == "ready" for a in actors) >= index
 
-    _wait(process, ready, f"worker {index}", directory / f"worker{index}.log", 600)
+    wait_ready(process, ready, f"worker {index}", directory / f"worker{index}.log", 600)
     return process
 
 
@@ -80,12 +82,7 @@ def stop(process: subprocess.Popen) -> None:
 def head_and_worker(directory: Path, engine: dict) -> Iterator[str]:
     """A head and one worker with every core and these `engine:` settings, for the `with`
     block (the gateway's URL); both are stopped after it, the worker first."""
-    head = start_head(directory)
-    try:
-        worker = start_worker(directory, engine)
-        try:
-            yield URL
-        finally:
-            stop(worker)
-    finally:
-        stop(head)
+    with contextlib.ExitStack() as started:  # stops them in reverse order
+        started.callback(stop, start_head(directory))
+        started.callback(stop, start_worker(directory, engine))
+        yield URL

@@ -51,7 +51,7 @@ async def _load_against(answers_per_connection: int, requests: int):
     return result, bodies
 
 
-def test_a_request_on_a_connection_the_server_closed_goes_once_more_on_a_new_one():
+def test_a_request_on_a_connection_the_server_closed_goes_once_more():
     result, bodies = asyncio.run(_load_against(answers_per_connection=1, requests=3))
     # Requests 2 and 3 each met a closed connection first: neither is an error.
     assert (result.requests, result.errors, result.tokens) == (3, 0, 3 * TOKENS)

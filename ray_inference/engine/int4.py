@@ -4,7 +4,7 @@ A decode step of one or a few rows computes little and reads every weight once: 
 Xeon without AMX, SmolLM2's fp32 products took 21 ms of a 33.5 ms one-row step (MKL reading
 540 MB at about 25 GB/s). Kept in 4 bits with a scale and an offset per group of 32 inputs,
 the same weights are about a sixth of those bytes (5/8 of a byte a weight), and torch's CPU
-int4 kernel (`_weight_int4pack_mm_for_cpu`: AVX-512 code for bf16 inputs) ran all of
+int4 kernel (`_weight_int4pack_mm_for_cpu`, with bf16 inputs) ran all of
 SmolLM2's layers for one row in 6 ms against MKL's 17-19. Its advantage shrinks with every row (0.45x MKL's
 time at 4 rows, 0.73x at 8, 1.02x at 16, 2x at 64), so each call picks by its own row count:
 at most `max_rows` rows go to the copy, more to the layer as it is (MKL-packed, int8 or
@@ -14,8 +14,8 @@ A Q4_1 GGUF (the packaged SmolLM2) stores each weight as one of 16 levels per gr
 inputs, from a scale and a minimum per group. transformers dequantizes them to the model's
 dtype, and rounding those weights to the same groups finds the same levels: the copy holds the
 model's own weights (checked at load: each weight must sit on its level). Its inputs and
-outputs are rounded to bf16 (the kernel's fp32 path has no vector code: 7x slower than MKL at
-one row; fp16 likewise), and so are its scales and offsets.
+outputs are rounded to bf16 (with fp32 inputs the kernel took 7x MKL's time at one row, with
+fp16 10x), and so are its scales and offsets.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def add_copies(model: torch.nn.Module, max_rows: int, only_exact: bool) -> int:
     """Give every CPU linear layer of the model but its output layer a 4-bit copy for calls of
     at most `max_rows` rows (`only_exact`: only layers whose weights are 4-bit already);
     returns how many. A build without the kernel, or whose products disagree, adds none."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = linears.output_layer(model)
     places = linears.cpu_linears(model, lambda linear: linear is not output and fits(linear))
     if not places or not _works():
         return 0
@@ -133,11 +133,13 @@ def add_copies(model: torch.nn.Module, max_rows: int, only_exact: bool) -> int:
 def _works() -> bool:
     """Whether this build has the CPU int4 kernel and it computes what the levels say."""
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(32, 2 * GROUP, generator=generator)
-    four_bit = FourBit.of(weight)
+    plain = torch.nn.Linear(2 * GROUP, 32, bias=False)
+    with torch.no_grad():
+        plain.weight.normal_(generator=generator)
+    four_bit = FourBit.of(plain.weight)
     x = torch.randn(3, 2 * GROUP, generator=generator)
     try:
-        layer = FewRowsInt4Linear(torch.nn.Linear(2 * GROUP, 32, bias=False), 3, four_bit)
+        layer = FewRowsInt4Linear(plain, 3, four_bit)
         with torch.inference_mode():
             out = layer(x)
     except (RuntimeError, AttributeError) as exc:  # AttributeError: no such op in this torch

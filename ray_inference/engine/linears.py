@@ -43,6 +43,11 @@ def cpu_linears(model: torch.nn.Module,
             and wanted(child)]
 
 
+def output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The layer whose logits sampling reads, which the lossy rewrites leave as it is."""
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
 def replace(places: list[Place], make: Callable[[torch.nn.Linear], torch.nn.Module],
             trim_each: bool = False) -> int:
     """Swap each layer for `make(layer)`; nothing else holds the replaced layers afterwards,

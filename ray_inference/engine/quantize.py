@@ -66,7 +66,7 @@ def supported(device: torch.device) -> bool:
 def quantize(model: torch.nn.Module) -> int:
     """Swap every `nn.Linear` of a CPU model but its output layer for an `Int8Linear`; returns
     how many. A build whose int8 product fails or disagrees leaves the model as it is."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = linears.output_layer(model)
     places = linears.cpu_linears(model, lambda linear: linear is not output)
     if not places or not _works():
         return 0
