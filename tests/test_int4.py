@@ -39,6 +39,11 @@ def tiny(model_dir, four_bit: bool):
     return loaded
 
 
+def products_of(model: torch.nn.Module) -> set[int]:
+    """The distinct 4-bit products that the model's copies take their columns from."""
+    return {id(m.product) for m in model.modules() if isinstance(m, int4.FewRowsInt4Linear)}
+
+
 def answers(engine, together: bool) -> list[list[int]]:
     """Greedy answers of 12 tokens to PROMPTS, one request at a time or all at once."""
     def ask(prompt):
@@ -65,7 +70,7 @@ def test_rounding_finds_a_4bit_weights_levels_and_tells_other_weights_apart():
 def test_few_rows_run_on_the_copy_and_more_rows_on_the_layer_itself(bias):
     torch.manual_seed(0)
     plain = four_bit_linear(64, 32, bias)
-    layer = int4.FewRowsInt4Linear(plain, 4, int4.FourBit.of(plain.weight))
+    layer = int4.FewRowsInt4Linear.alone(plain, 4)
     with torch.inference_mode():
         for shape in ((1, 64), (4, 64), (2, 2, 64)):
             x = torch.randn(shape)
@@ -85,12 +90,77 @@ def test_a_rows_output_does_not_depend_on_the_rows_beside_it():
     """The kernel sums each row on its own: a request's tokens do not depend on its batch."""
     torch.manual_seed(0)
     plain = four_bit_linear(64, 48)
-    layer = int4.FewRowsInt4Linear(plain, 8, int4.FourBit.of(plain.weight))
+    layer = int4.FewRowsInt4Linear.alone(plain, 8)
     x = torch.randn(8, 64)
     x[1:] *= 1000
     with torch.inference_mode():
         alone = layer(x[:1])
         assert all(torch.equal(layer(x[:rows])[:1], alone) for rows in (2, 3, 5, 8))
+
+
+def test_layers_that_read_one_input_share_one_product_and_get_their_own_numbers():
+    """q/k/v-like siblings: one call of the kernel for all three, each layer's columns the
+    same bit for bit as a copy of its own would give, whichever member is called first."""
+    torch.manual_seed(0)
+    layers = [four_bit_linear(64, 32), four_bit_linear(64, 16, bias=False),
+              four_bit_linear(64, 48)]
+    product = int4.FourBitProduct(int4.FourBit.stacked(
+        [int4.FourBit.of(layer.weight) for layer in layers]), layers)
+    shared = [int4.FewRowsInt4Linear(layer, 4, product, member)
+              for member, layer in enumerate(layers)]
+    alone = [int4.FewRowsInt4Linear.alone(layer, 4) for layer in layers]
+    multiplied = []
+    real_multiply = product._multiply
+    product._multiply = lambda x: multiplied.append(x) or real_multiply(x)
+    with torch.inference_mode():
+        for order in ((0, 1, 2), (2, 0, 1)):
+            x = torch.randn(1, 3, 64)
+            for member in order:
+                assert torch.equal(shared[member](x), alone[member](x))
+        assert len(multiplied) == 2  # one product per input, not one per layer
+        # A member called again with the same tensor (its columns taken) gets a fresh product,
+        # as does a call with another tensor of the same values.
+        x = torch.randn(2, 64)
+        first = shared[0](x)
+        assert torch.equal(shared[0](x), first) and torch.equal(shared[1](x.clone()),
+                                                                 alone[1](x))
+        assert len(multiplied) == 5
+
+
+def test_the_siblings_are_found_in_a_forward_pass(model_dir):
+    """In a Llama decoder, q/k/v read the attention norm's output and gate/up the MLP norm's;
+    o_proj and down_proj each read their own."""
+    model = tiny(model_dir, four_bit=True).model
+    output = model.get_output_embeddings()
+    places = int4.linears.cpu_linears(model, lambda linear: linear is not output)
+    groups = int4.readers_of_one_input(model, places)
+    names = sorted(tuple(name for _, name in group) for group in groups)
+    layers = len(model.model.layers)
+    assert names == sorted([("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
+                            ("o_proj",), ("down_proj",)] * layers)
+    # A model whose forward pass fails: every layer on its own, and the model still works.
+    broken = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16))
+    assert int4.readers_of_one_input(broken, int4.linears.cpu_linears(broken)) == [
+        [(broken, "0")], [(broken, "1")]]
+
+
+def test_shared_copies_give_the_logits_of_a_copy_per_layer(model_dir):
+    """The whole model, passes of 1, 3, 5 and 15 rows: add_copies' shared products against
+    a copy per layer, bit for bit."""
+    shared = tiny(model_dir, four_bit=True).model
+    assert int4.add_copies(shared, 16, only_exact=True) == 14
+    assert len(products_of(shared)) == 8  # 2 layers x (q/k/v, o, gate/up, down)
+    own = tiny(model_dir, four_bit=True).model
+    output = own.get_output_embeddings()
+    for parent, name in int4.linears.cpu_linears(own, lambda linear: linear is not output):
+        setattr(parent, name, int4.FewRowsInt4Linear.alone(getattr(parent, name), 16))
+    ids = torch.tensor([[5, 7, 3, 9, 2], [1, 4, 4, 6, 8], [9, 9, 2, 3, 5]])
+    with torch.inference_mode():
+        for rows in (1, 3):
+            logits = [model(input_ids=ids[:rows, -1:]).logits for model in (shared, own)]
+            assert torch.equal(*logits)
+            last = [model(input_ids=ids[:rows]).logits[:, -1] for model in (shared, own)]
+            assert torch.equal(*last)
 
 
 def test_auto_copies_only_4bit_layers_and_never_the_output_layer(model_dir):
@@ -107,6 +177,8 @@ def test_auto_copies_only_4bit_layers_and_never_the_output_layer(model_dir):
         assert described["int4_max_rows"] == int4.AUTO_MAX_ROWS
         assert engine.numerics() == f"fp32 int4<={int4.AUTO_MAX_ROWS}"
         assert not isinstance(loaded.model.get_output_embeddings(), int4.FewRowsInt4Linear)
+        # The engine's forward pass found the siblings: q/k/v and gate/up share a product.
+        assert len(products_of(loaded.model)) == 8
         # Each copy's layer for many rows was packed for MKL as before.
         assert described["prepacked_linears"] == 15
         engine._eos = set()
@@ -166,5 +238,6 @@ def test_the_packaged_smollm2_is_4bit_and_answers_the_same_from_its_copies():
         finally:
             engine.shutdown()
     assert copies == {0: 0, "auto": 210}  # 30 layers x 7 projections
+    assert len(products_of(loaded.model)) == 120  # 30 x (q/k/v, o, gate/up, down)
     assert texts["auto"] == texts[0]
     assert texts["auto"].startswith("The capital of France is Paris")
