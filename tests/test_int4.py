@@ -127,7 +127,7 @@ def test_layers_that_read_one_input_share_one_product_and_get_their_own_numbers(
         assert len(multiplied) == 5
 
 
-def test_the_siblings_are_found_in_a_forward_pass(model_dir):
+def test_the_siblings_are_found_in_a_forward_pass(model_dir, caplog):
     """In a Llama decoder, q/k/v read the attention norm's output and gate/up the MLP norm's;
     o_proj and down_proj each read their own."""
     model = tiny(model_dir, four_bit=True).model
@@ -138,10 +138,21 @@ def test_the_siblings_are_found_in_a_forward_pass(model_dir):
     layers = len(model.model.layers)
     assert names == sorted([("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
                             ("o_proj",), ("down_proj",)] * layers)
-    # A model whose forward pass fails: every layer on its own, and the model still works.
-    broken = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16))
-    assert int4.readers_of_one_input(broken, int4.linears.cpu_linears(broken)) == [
-        [(broken, "0")], [(broken, "1")]]
+    # A model that the pass of one token fails on (it takes no input_ids): a copy per layer,
+    # with a warning, and the copies work.
+    torch.manual_seed(0)
+    other = torch.nn.Sequential(four_bit_linear(64, 32), four_bit_linear(32, 16))
+    assert int4.readers_of_one_input(other, int4.linears.cpu_linears(other)) == [
+        [(other, "0")], [(other, "1")]]
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        expected = other(x)
+    with caplog.at_level(logging.WARNING, logger="ray_inference.engine.int4"):
+        assert int4.add_copies(other, 4, only_exact=True) == 2
+    assert "a forward pass of one token failed" in caplog.text
+    assert len(products_of(other)) == 2
+    with torch.inference_mode():
+        torch.testing.assert_close(other(x), expected, rtol=0.02, atol=0.02)
 
 
 def test_shared_copies_give_the_logits_of_a_copy_per_layer(model_dir):
