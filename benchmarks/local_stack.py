@@ -48,8 +48,8 @@ def start_head(directory: Path, **head: object) -> subprocess.Popen:
     """A head with these `head:` settings, once its gateway answers."""
     process = _launch(directory, "head", "head", {"ports": PORTS, "head": {
         "ray_port": 26379, "node_ip": "127.0.0.1", "gateway_port": GATEWAY, **head}})
-    wait_ready(process, lambda: probe(f"{URL}/health/live", 2)[0], "the head", directory / "head.log",
-          120)
+    wait_ready(process, lambda: probe(f"{URL}/health/live", 2)[0], "the head",
+               directory / "head.log", 120)
     return process
 
 

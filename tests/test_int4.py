@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ray_inference.config import ConfigError, EngineConfig, from_dict
-from ray_inference.engine import GenerationRequest, create_engine, int4
+from ray_inference.engine import GenerationRequest, create_engine, int4, linears
 from ray_inference.models import loader, registry
 
 PROMPTS = ("hello world", "red", "the cat is a dog of no", "blue green red")
@@ -132,7 +132,7 @@ def test_the_siblings_are_found_in_a_forward_pass(model_dir, caplog):
     o_proj and down_proj each read their own."""
     model = tiny(model_dir, four_bit=True).model
     output = model.get_output_embeddings()
-    places = int4.linears.cpu_linears(model, lambda linear: linear is not output)
+    places = linears.cpu_linears(model, lambda linear: linear is not output)
     groups = int4.readers_of_one_input(model, places)
     names = sorted(tuple(name for _, name in group) for group in groups)
     layers = len(model.model.layers)
@@ -142,7 +142,7 @@ def test_the_siblings_are_found_in_a_forward_pass(model_dir, caplog):
     # with a warning, and the copies work.
     torch.manual_seed(0)
     other = torch.nn.Sequential(four_bit_linear(64, 32), four_bit_linear(32, 16))
-    assert int4.readers_of_one_input(other, int4.linears.cpu_linears(other)) == [
+    assert int4.readers_of_one_input(other, linears.cpu_linears(other)) == [
         [(other, "0")], [(other, "1")]]
     x = torch.randn(2, 64)
     with torch.inference_mode():
@@ -163,7 +163,7 @@ def test_shared_copies_give_the_logits_of_a_copy_per_layer(model_dir):
     assert len(products_of(shared)) == 8  # 2 layers x (q/k/v, o, gate/up, down)
     own = tiny(model_dir, four_bit=True).model
     output = own.get_output_embeddings()
-    for parent, name in int4.linears.cpu_linears(own, lambda linear: linear is not output):
+    for parent, name in linears.cpu_linears(own, lambda linear: linear is not output):
         setattr(parent, name, int4.FewRowsInt4Linear.alone(getattr(parent, name), 16))
     ids = torch.tensor([[5, 7, 3, 9, 2], [1, 4, 4, 6, 8], [9, 9, 2, 3, 5]])
     with torch.inference_mode():

@@ -71,6 +71,8 @@ class FourBit:
     def stacked(cls, parts: list[FourBit]) -> FourBit:
         """The weights of `parts` one above the other (their outputs side by side): the
         same levels, since each row and group of 32 is rounded on its own."""
+        if len(parts) == 1:
+            return parts[0]
         return cls(torch.cat([part.levels for part in parts]),
                    torch.cat([part.scale for part in parts]),
                    torch.cat([part.minimum for part in parts]),
@@ -111,6 +113,8 @@ class FourBitProduct:
         """Member `member`'s columns of the product with `x` (rows, in_features): computed
         when no other member has been called with this very tensor, taken from that product
         otherwise. Each member takes its columns of a product once, then it is let go."""
+        if len(self.spans) == 1:  # a layer of its own (o_proj, down_proj): nothing to hold
+            return self._multiply(x)
         held = self._held
         if held is None or held[0] is not x or member not in held[2]:
             held = (x, self._multiply(x), set(range(len(self.spans))))
@@ -238,17 +242,16 @@ def _works() -> bool:
     plain = torch.nn.Linear(2 * GROUP, 32, bias=False)
     with torch.no_grad():
         plain.weight.normal_(generator=generator)
-    four_bit = FourBit.of(plain.weight)
     x = torch.randn(3, 2 * GROUP, generator=generator)
     try:
-        layer = FewRowsInt4Linear(plain, 3, FourBitProduct(four_bit, [plain]))
+        layer = FewRowsInt4Linear.alone(plain, 3)
         with torch.inference_mode():
             out = layer(x)
     except (RuntimeError, AttributeError) as exc:  # AttributeError: no such op in this torch
         log.warning("this build has no CPU int4 kernel (%s); engine.int4_max_rows is ignored",
                     exc)
         return False
-    expected = x @ four_bit.dequantized().t()
+    expected = x @ FourBit.of(plain.weight).dequantized().t()
     agrees = torch.allclose(out, expected, rtol=0.02, atol=0.05 * expected.abs().max().item())
     if not agrees:
         log.warning("this build's CPU int4 products disagree; engine.int4_max_rows is ignored")
