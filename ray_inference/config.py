@@ -120,9 +120,11 @@ class EngineConfig(_Section):
     # prompt) and prefill only what follows it.
     prefix_cache: bool = True
     # CPU workers: pack each linear layer's weight once, at load, into the blocked layout the
-    # kernels compute on (bf16: oneDNN's, fp32: MKL's), instead of within every matrix product
-    # (the same results, within fp32 rounding in fp32; faster passes).
-    prepack_weights: bool = True
+    # kernels compute on, instead of within every matrix product (the same results, within
+    # fp32 rounding in fp32; faster passes). true: bf16 for oneDNN, fp32 for MKL or oneDNN,
+    # whichever multiplied faster when the worker started; mkl or onednn: that kernel; false:
+    # weights as loaded.
+    prepack_weights: bool | Literal["mkl", "onednn"] = True
     # CPU workers, generation models: run every linear layer but the output layer in int8
     # (weights rounded once per output channel, inputs per token; docs/engine.md). More tokens
     # per second, slightly different answers (SmolLM2's perplexity 2.6% higher), so off;

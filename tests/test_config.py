@@ -48,6 +48,7 @@ def test_missing_env_var_is_named():
     ({"wrker": {}}, "wrker: unknown key"),
     ({"worker": {"num_cpus": 0}}, "worker.num_cpus: 0 is not allowed"),
     ({"engine": {"dtype": "int3"}}, "engine.dtype: 'int3' is not allowed"),
+    ({"engine": {"prepack_weights": "blas"}}, "'blas' is not allowed: Input should be 'mkl' or 'onednn'"),
     ({"head": {"gateway_port": 70000}}, "head.gateway_port: 70000"),
     ({"worker": {"models": []}}, "worker.models"),
     ({"worker": {"num_gpus": -1}}, "worker.num_gpus"),

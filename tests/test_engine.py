@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import threading
 
 import pytest
@@ -107,15 +108,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def packable(dtype: torch.dtype):
-    """`dtype` as a test parameter, skipped where this CPU build cannot pack it."""
-    return pytest.param(dtype, id=dtype_name(dtype), marks=pytest.mark.skipif(
-        not prepack.supported(torch.device("cpu"), dtype),
-        reason=f"this CPU build has no packed {dtype} kernels"))
+def packable(dtype: torch.dtype, kernel: str):
+    """`dtype` and a kernel as test parameters, skipped where this CPU build cannot pack it."""
+    return pytest.param(dtype, kernel, id=f"{dtype_name(dtype)}-{kernel}", marks=pytest.mark.skipif(
+        kernel not in prepack.kernels(dtype),
+        reason=f"this CPU build has no packed {dtype} kernels of {kernel}"))
 
 
-PACKABLE = [packable(torch.bfloat16), packable(torch.float32)]
-PACKED_LAYER = {torch.bfloat16: prepack.PackedLinear, torch.float32: prepack.MklPackedLinear}
+PACKABLE = [packable(torch.bfloat16, "onednn"), packable(torch.float32, "mkl"),
+            packable(torch.float32, "onednn")]
 
 
 def assert_packed_output(dtype: torch.dtype, packed: torch.Tensor, plain: torch.Tensor) -> None:
@@ -127,9 +128,9 @@ def assert_packed_output(dtype: torch.dtype, packed: torch.Tensor, plain: torch.
         torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", PACKABLE)
+@pytest.mark.parametrize(("dtype", "kernel"), PACKABLE)
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-def test_packed_linear_weights_give_the_models_own_logits(model_dir, name, dtype):
+def test_packed_linear_weights_give_the_models_own_logits(model_dir, name, dtype, kernel):
     """Every nn.Linear swapped for its packed twin: the model's logits, the untied weights'
     own memory given up, and a second pack changes nothing."""
     loaded = loader.load(registry.resolve(f"{name}={model_dir / name}"), dtype_name(dtype))
@@ -137,11 +138,12 @@ def test_packed_linear_weights_give_the_models_own_logits(model_dir, name, dtype
     twin = copy.deepcopy(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     ids = loaded.tokenizer("the cat is a dog of no", return_tensors="pt")["input_ids"]
-    assert prepack.pack(model) == len(linears) > 0  # GPT-2: lm_head (its blocks use Conv1D)
+    assert prepack.pack(model, kernel) == len(linears) > 0  # GPT-2: lm_head (blocks: Conv1D)
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert all(type(m) is PACKED_LAYER[dtype] for m in model.modules()
-               if isinstance(m, tuple(PACKED_LAYER.values())))
-    assert prepack.pack(model) == 0
+    assert prepack.kernel_of(model) == kernel
+    assert all(type(m) is prepack.KERNELS[kernel] for m in model.modules()
+               if isinstance(m, tuple(prepack.KERNELS.values())))
+    assert prepack.pack(model, kernel) == 0
     unpacked = sum(p.numel() for p in twin.parameters())
     untied = sum(m.weight.numel() for m in linears
                  if m.weight is not model.get_input_embeddings().weight)
@@ -151,16 +153,16 @@ def test_packed_linear_weights_give_the_models_own_logits(model_dir, name, dtype
         assert_packed_output(dtype, model(ids).logits, twin(ids).logits)
 
 
-@pytest.mark.parametrize("dtype", PACKABLE)
-def test_linear_layers_with_a_bias_pack_too(dtype):
+@pytest.mark.parametrize(("dtype", "kernel"), PACKABLE)
+def test_linear_layers_with_a_bias_pack_too(dtype, kernel):
     """Llama's projections have no bias, others' (Qwen's q/k/v) do: the packed layer adds it,
     for one row, a batch, more rows than the layout was packed for, and none."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(),
                                 torch.nn.Linear(96, 32)).to(dtype)
     twin = copy.deepcopy(model)
-    assert prepack.pack(model) == 2
-    assert all(isinstance(model[i], PACKED_LAYER[dtype]) and model[i].bias is not None
+    assert prepack.pack(model, kernel) == 2
+    assert all(isinstance(model[i], prepack.KERNELS[kernel]) and model[i].bias is not None
                for i in (0, 2))
     with torch.inference_mode():
         for shape in ((1, 64), (5, 64), (2, 70, 64), (0, 64)):
@@ -172,21 +174,49 @@ def test_linear_layers_with_a_bias_pack_too(dtype):
             model(torch.randn(3, 65, dtype=dtype))
 
 
-@pytest.mark.parametrize("dtype", PACKABLE)
-def test_a_cpu_engine_packs_its_weights_and_answers_as_without(model_dir, dtype):
+@pytest.mark.parametrize(("dtype", "kernel"), PACKABLE)
+def test_a_cpu_engine_packs_its_weights_and_answers_as_without(model_dir, dtype, kernel):
     path = registry.resolve(f"tiny-llama={model_dir / 'tiny-llama'}")
     answers, packed = {}, {}
-    for setting in (True, False):
+    for setting in (kernel, True, False):
         loaded = loader.load(path, dtype_name(dtype))
         engine = create_engine(loaded, EngineConfig(prepack_weights=setting))
         engine._eos = set()
-        packed[setting] = engine.describe()["prepacked_linears"]
+        described = engine.describe()
+        packed[setting] = described["prepacked_linears"], described["prepack_kernel"]
         streams = [engine.submit(GenerationRequest(prompt=p, temperature=0, max_tokens=10))
                    for p in ("hello world", "red", "the cat is a dog of no")]
         answers[setting] = [[t for c in s for t in c.token_ids] for s in streams]
         engine.shutdown()
-    assert packed == {True: 15, False: 0}  # 2 layers x 7 projections + lm_head
-    assert answers[True] == answers[False]
+    # 2 layers x 7 projections + lm_head; true packs for a kernel this build has for dtype
+    assert packed[kernel] == (15, kernel) and packed[False] == (0, None)
+    assert packed[True][0] == 15 and packed[True][1] in prepack.kernels(dtype)
+    assert answers[kernel] == answers[True] == answers[False]
+
+
+@pytest.mark.skipif(prepack.kernels(torch.float32) != ["mkl", "onednn"],
+                    reason="this CPU build cannot pack fp32 weights for both MKL and oneDNN")
+def test_fp32_weights_are_packed_for_the_kernel_measured_faster(caplog):
+    """Where the build has both, `true` takes oneDNN only where it ran the sample in under
+    0.9 of MKL's time, and the worker's log says what each took."""
+    with caplog.at_level(logging.INFO, logger="ray_inference.engine.prepack"):
+        chosen, seconds = prepack.fastest_fp32_kernel(576)
+    assert set(seconds) == {"mkl", "onednn"} and all(0 < s < 10 for s in seconds.values())
+    assert chosen == ("onednn" if seconds["onednn"] < 0.9 * seconds["mkl"] else "mkl")
+    assert f"fp32 weights packed for {chosen}" in caplog.text
+
+
+@pytest.mark.skipif(not prepack.kernels(torch.bfloat16),
+                    reason="this CPU build has no packed bf16 kernels")
+def test_a_kernel_that_cannot_hold_the_weights_gives_way_with_a_warning(caplog):
+    """MKL has no bf16 path: asked for it, bf16 weights are packed for oneDNN, and the
+    warning says so."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32)).to(torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="ray_inference.engine.prepack"):
+        assert prepack.pack(model, "mkl") == 1
+    assert "mkl cannot pack torch.bfloat16 weights in this build; packing them for onednn" \
+        in caplog.text
+    assert prepack.kernel_of(model) == "onednn"
 
 
 def test_float16_cpu_weights_stay_as_they_are(model_dir):

@@ -93,8 +93,10 @@ class CausalEngine(Engine):
         # from it, and each copy's layer for many rows is then packed or quantized in turn.
         self._int4_rows, self._int4_copies = self._add_int4_copies(config.int4_max_rows)
         self._quantized = self._quantize(config.quantize)
-        self._prepacked = (prepack.pack(self._model) if config.prepack_weights
+        kernel = "auto" if config.prepack_weights is True else config.prepack_weights
+        self._prepacked = (prepack.pack(self._model, kernel) if kernel
                            and prepack.supported(self._device, self._dtype) else 0)
+        self._prepack_kernel = prepack.kernel_of(self._model) if self._prepacked else None
         # Settled CPU steps go through it as packed steps, with room for arrivals' prompts.
         self._packed_steps = (self._device.type == "cpu" and not self._overlap
                               and self._graphs is None and self._grouped_query)
@@ -185,7 +187,9 @@ class CausalEngine(Engine):
         info = {"kv_bytes": self._kv.nbytes if self._kv else 0,
                 "cuda_graphs": self._graphs is not None, "grouped_query_steps": self._grouped_query,
                 "packed_steps": self._packed_steps, "pack_arrivals": self._packing,
-                "prepacked_linears": self._prepacked, "int8_linears": self._quantized,
+                "prepacked_linears": self._prepacked,
+                "prepack_kernel": self._prepack_kernel,
+                "int8_linears": self._quantized,
                 "int4_linears": self._int4_copies, "int4_max_rows": self._int4_rows,
                 "kv_dtype": str(self._kv_dtype).removeprefix("torch.")}
         if self._graphs is not None:

@@ -9,8 +9,13 @@ same kind of kernel on the packed weight:
   on the 2-core Xeon with AMX (docs/benchmarks.md): the same logits (its layers have no bias),
   about 10 ms less per forward pass, one row or 64.
 - fp32: MKL's packed GEMM (`cblas_sgemm_pack`/`cblas_sgemm_compute`, through torch's
-  `_mkl_linear`). SmolLM2 on a 2-core Xeon without AMX: a 64-row decode step 0.83x the time,
-  16 rows 0.77x, one row the same; logits within fp32 rounding.
+  `_mkl_linear`) or oneDNN's inner product, whichever ran a sample of products faster on this
+  CPU at load (`fastest_fp32_kernel`). SmolLM2 on a 2-core Xeon without AMX, MKL: a 64-row decode
+  step 0.83x the time of plain `F.linear`, 16 rows 0.77x, one row the same, where oneDNN was
+  no faster at 49-64 rows and 1.19x MKL's time at one; on a 2-core AMD EPYC (AVX2), MKL's
+  packed products were no faster than plain ones and oneDNN's took 0.70-0.86x MKL's time at
+  16-64 rows: the engine made 1.14x the tokens per second at 64 clients. Logits within fp32
+  rounding either way.
 
 The packed weight replaces the layer's own (a tied output layer keeps its embedding's), so
 the model's memory stays about the same.
@@ -19,6 +24,7 @@ the model's memory stays about the same.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +40,7 @@ BATCH_HINT = 64
 
 
 class PackedLinear(LinearReplacement):
-    """bf16 `nn.Linear` whose weight is kept in oneDNN's blocked layout."""
+    """bf16 or fp32 `nn.Linear` whose weight is kept in oneDNN's blocked layout."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__(linear)
@@ -68,25 +74,60 @@ class MklPackedLinear(LinearReplacement):
         return torch.ops.mkl._mkl_linear(x, self.packed, self.shape_only, self.bias, rows)
 
 
-# Weight dtype -> the packed layer for it.
-_PACKED = {torch.bfloat16: PackedLinear, torch.float32: MklPackedLinear}
+# What `engine.prepack_weights` names -> the packed layer.
+KERNELS: dict[str, type[LinearReplacement]] = {"mkl": MklPackedLinear, "onednn": PackedLinear}
+# Weight dtype -> the kernels that can hold it, the default first (bf16: oneDNN's AMX path;
+# fp32: MKL's, where the Xeons measured it the faster at one row).
+_CANDIDATES = {torch.bfloat16: ("onednn",), torch.float32: ("mkl", "onednn")}
+# Where fp32 has both: the row count and layers timed at load (a 64-client batch's decode step
+# averages about 49 rows, and with 4-bit copies the plain kernels run only past 16), and how
+# much faster than MKL's oneDNN must be to be taken (on the Xeon without AMX its steps took
+# 0.96-0.98x MKL's time at 49-64 rows and 1.19x at one; on the EPYC this sample's ratio was
+# 0.65-0.74 on two threads, 0.88-0.93 on one).
+_SAMPLE_ROWS = 48
+_SAMPLE_LAYERS = 8
+_TAKE_BELOW = 0.9
+
+
+def _available(kernel: str, dtype: torch.dtype) -> bool:
+    if kernel == "mkl":
+        return dtype == torch.float32 and torch.backends.mkl.is_available()
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16
+                                      and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def kernels(dtype: torch.dtype) -> list[str]:
+    """The kernels this CPU build can pack `dtype` weights for, the default first."""
+    return [kernel for kernel in _CANDIDATES.get(dtype, ()) if _available(kernel, dtype)]
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """bf16 on a CPU whose oneDNN has bf16 kernels, fp32 on a CPU build with MKL."""
-    if device.type != "cpu":
-        return False
-    if dtype == torch.bfloat16:
-        return (torch.backends.mkldnn.is_available()
-                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return dtype == torch.float32 and torch.backends.mkl.is_available()
+    """bf16 on a CPU whose oneDNN has bf16 kernels, fp32 on a CPU build with MKL or oneDNN."""
+    return device.type == "cpu" and bool(kernels(dtype))
 
 
-def pack(model: torch.nn.Module) -> int:
+def pack(model: torch.nn.Module, kernel: str = "auto") -> int:
     """Swap every bf16 or fp32 `nn.Linear` of a CPU model for its packed twin; returns how
-    many. Layers packed before stay as they are, so packing a model twice packs nothing more."""
-    places = linears.cpu_linears(model, lambda linear: linear.weight.dtype in _PACKED)
-    if not places or not _agrees(getattr(*places[0])):
+    many. `kernel`: "mkl" or "onednn" where the build has it for the weights' dtype, "auto"
+    for the one measured the faster here (`fastest_fp32_kernel`). Layers packed before stay as
+    they are, so packing a model twice packs nothing more."""
+    places = linears.cpu_linears(model, lambda linear: bool(kernels(linear.weight.dtype)))
+    if not places:
+        return 0
+    first = getattr(*places[0])
+    dtype = first.weight.dtype
+    places = [place for place in places if getattr(*place).weight.dtype == dtype]
+    choices = kernels(dtype)
+    if kernel not in ("auto", *choices):
+        log.warning("engine.prepack_weights: %s cannot pack %s weights in this build; "
+                    "packing them for %s", kernel, dtype, choices[0])
+        kernel = "auto"
+    if kernel == "auto":
+        kernel = (fastest_fp32_kernel(first.in_features)[0] if len(choices) > 1 else choices[0])
+    kind = KERNELS[kernel]
+    if not _agrees(first, kind):
         return 0
     # After each layer: MKL's packed buffer is about 4x the weight's bytes (3,490,017 floats
     # for a 1536x576 weight), and on fresh memory 20 of them took 3.6 MB of RSS each, so only
@@ -95,11 +136,54 @@ def pack(model: torch.nn.Module) -> int:
     # packing, 1,011 after (the tied output layer's packed copy is 108 MiB); 416 MiB more, not
     # 127, with one trim at the end. In bf16: 628 before, 694 after (in the eighth session,
     # without trimming: 663 before, 908 after).
-    return linears.replace(places, lambda linear: _PACKED[linear.weight.dtype](linear),
-                           trim_each=True)
+    return linears.replace(places, kind, trim_each=True)
 
 
-def _agrees(linear: torch.nn.Linear) -> bool:
+def kernel_of(model: torch.nn.Module) -> str | None:
+    """Which kernel the model's packed layers run ("mkl", "onednn"), or None."""
+    for module in model.modules():
+        for name, kind in KERNELS.items():
+            if type(module) is kind:
+                return name
+    return None
+
+
+def fastest_fp32_kernel(width: int) -> tuple[str, dict[str, float]]:
+    """MKL or oneDNN, whichever multiplied a sample faster on this CPU (oneDNN only where it
+    took under `_TAKE_BELOW` of MKL's time), and each one's time in seconds: `_SAMPLE_ROWS`
+    rows through `_SAMPLE_LAYERS` fresh (2 width, width) fp32 layers, the fastest of several
+    interleaved rounds (on a busy machine, the one other processes disturbed least), on the
+    threads the engine runs."""
+    generator = torch.Generator().manual_seed(0)
+    width = max(width, 512)  # tiny test models would measure noise
+    plain = [torch.nn.Linear(width, 2 * width, bias=False) for _ in range(_SAMPLE_LAYERS)]
+    with torch.no_grad():
+        for layer in plain:
+            layer.weight.normal_(std=0.02, generator=generator)
+    x = torch.randn(_SAMPLE_ROWS, width, generator=generator)
+    seconds = {"mkl": float("inf"), "onednn": float("inf")}
+    try:
+        packed = {name: [KERNELS[name](layer) for layer in plain] for name in seconds}
+        with torch.inference_mode():
+            for layers in packed.values():  # the first call builds each kernel
+                layers[0](x)
+            for _ in range(7):
+                for name, layers in packed.items():
+                    started = time.perf_counter()
+                    for layer in layers:
+                        layer(x)
+                    seconds[name] = min(seconds[name], time.perf_counter() - started)
+    except RuntimeError as exc:
+        log.warning("timing MKL's and oneDNN's fp32 products failed (%s); packing for MKL", exc)
+        return "mkl", seconds
+    chosen = "onednn" if seconds["onednn"] < _TAKE_BELOW * seconds["mkl"] else "mkl"
+    log.info("fp32 weights packed for %s: %d rows through %d layers of %d inputs took %.2f ms "
+             "with MKL, %.2f ms with oneDNN", chosen, _SAMPLE_ROWS, _SAMPLE_LAYERS, width,
+             seconds["mkl"] * 1000, seconds["onednn"] * 1000)
+    return chosen, seconds
+
+
+def _agrees(linear: torch.nn.Linear, kind: type[LinearReplacement]) -> bool:
     """Whether a packed copy of `linear` computes what it does, for one row, a few, and more
     than it was packed for: bit for bit in bf16 without a bias (the same AMX implementation
     runs), within rounding otherwise (bf16 with a bias, one try with random weights: 0.125
@@ -108,7 +192,7 @@ def _agrees(linear: torch.nn.Linear) -> bool:
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         try:
-            packed = _PACKED[linear.weight.dtype](linear)
+            packed = kind(linear)
             for rows in (1, 3, BATCH_HINT + 1):
                 x = torch.randn(rows, linear.in_features, generator=generator,
                                 dtype=linear.weight.dtype)
