@@ -72,7 +72,8 @@ def main(threads: tuple[int, ...], row_counts: tuple[int, ...], passes: int) -> 
     try:
         for count in threads:
             torch.set_num_threads(count)
-            fastest = prepack.fastest_fp32_kernel(576)[0] if len(packed) > 1 else packed[0]
+            fastest = (prepack.fastest_fp32_kernel(base.model.config.hidden_size)[0]
+                       if len(packed) > 1 else packed[0])
             click.echo(f"{count} thread(s): a worker would pack for {fastest}")
             with torch.inference_mode():
                 for rows in row_counts:

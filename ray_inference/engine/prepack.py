@@ -24,13 +24,13 @@ the model's memory stays about the same.
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 import torch.nn.functional as F
 
 from ray_inference.engine import linears
 from ray_inference.engine.linears import LinearReplacement
+from ray_inference.timing import fastest_seconds
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +141,9 @@ def pack(model: torch.nn.Module, kernel: str = "auto") -> int:
 
 def kernel_of(model: torch.nn.Module) -> str | None:
     """Which kernel the model's packed layers run ("mkl", "onednn"), or None."""
-    for module in model.modules():
-        for name, kind in KERNELS.items():
-            if type(module) is kind:
-                return name
-    return None
+    names = {kind: name for name, kind in KERNELS.items()}
+    return next((names[type(module)] for module in model.modules() if type(module) in names),
+                None)
 
 
 def fastest_fp32_kernel(width: int) -> tuple[str, dict[str, float]]:
@@ -161,21 +159,17 @@ def fastest_fp32_kernel(width: int) -> tuple[str, dict[str, float]]:
         for layer in plain:
             layer.weight.normal_(std=0.02, generator=generator)
     x = torch.randn(_SAMPLE_ROWS, width, generator=generator)
-    seconds = {"mkl": float("inf"), "onednn": float("inf")}
+
+    def products(layers: list[LinearReplacement]):
+        return lambda: [layer(x) for layer in layers]
+
     try:
-        packed = {name: [KERNELS[name](layer) for layer in plain] for name in seconds}
         with torch.inference_mode():
-            for layers in packed.values():  # the first call builds each kernel
-                layers[0](x)
-            for _ in range(7):
-                for name, layers in packed.items():
-                    started = time.perf_counter()
-                    for layer in layers:
-                        layer(x)
-                    seconds[name] = min(seconds[name], time.perf_counter() - started)
+            seconds = fastest_seconds({name: products([KERNELS[name](layer) for layer in plain])
+                                       for name in ("mkl", "onednn")})
     except RuntimeError as exc:
         log.warning("timing MKL's and oneDNN's fp32 products failed (%s); packing for MKL", exc)
-        return "mkl", seconds
+        return "mkl", {}
     chosen = "onednn" if seconds["onednn"] < _TAKE_BELOW * seconds["mkl"] else "mkl"
     log.info("fp32 weights packed for %s: %d rows through %d layers of %d inputs took %.2f ms "
              "with MKL, %.2f ms with oneDNN", chosen, _SAMPLE_ROWS, _SAMPLE_LAYERS, width,

@@ -13,6 +13,7 @@ import torch
 
 from ray_inference.errors import ModelLoadError
 from ray_inference.models.registry import ModelSource
+from ray_inference.timing import fastest_seconds
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +58,17 @@ def pick_device(prefer_gpu: bool = True) -> torch.device:
     return torch.device("cpu")
 
 
-def _linear_seconds(dtypes: tuple[torch.dtype, ...], width: int, rows: int = 64,
-                    rounds: int = 7) -> list[float]:
-    """The fastest of several rounds per dtype, rounds interleaved: on a busy machine the
-    minimum is the measurement that other processes disturbed least."""
-    pairs = [(torch.randn(rows, width, dtype=d), torch.randn(width * 2, width, dtype=d))
-             for d in dtypes]
-    for x, w in pairs:  # the first call of a dtype builds its kernels
-        torch.nn.functional.linear(x, w)
-    best = [float("inf")] * len(dtypes)
-    for _ in range(rounds):
-        for i, (x, w) in enumerate(pairs):
-            start = time.perf_counter()
-            for _ in range(4):
-                torch.nn.functional.linear(x, w)
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
+def _linear_seconds(dtypes: tuple[torch.dtype, ...], width: int, rows: int = 64) -> list[float]:
+    """Four (rows, width) x (width, 2 width) products per dtype, the fastest of several
+    interleaved rounds."""
+    pairs = {str(d): (torch.randn(rows, width, dtype=d), torch.randn(width * 2, width, dtype=d))
+             for d in dtypes}
+
+    def products(x: torch.Tensor, w: torch.Tensor):
+        return lambda: [torch.nn.functional.linear(x, w) for _ in range(4)]
+
+    best = fastest_seconds({name: products(*pair) for name, pair in pairs.items()})
+    return [best[str(d)] for d in dtypes]
 
 
 def _cpu_flags() -> set[str]:
