@@ -23,6 +23,7 @@ the model's memory stays about the same.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -83,7 +84,7 @@ _CANDIDATES = {torch.bfloat16: ("onednn",), torch.float32: ("mkl", "onednn")}
 # averages about 49 rows, and with 4-bit copies the plain kernels run only past 16), and how
 # much faster than MKL's oneDNN must be to be taken (on the Xeon without AMX its steps took
 # 0.96-0.98x MKL's time at 49-64 rows and 1.19x at one; on the EPYC this sample's ratio was
-# 0.65-0.74 on two threads, 0.88-0.93 on one).
+# 0.65-0.86 on two threads, 0.88-1.02 on one).
 _SAMPLE_ROWS = 48
 _SAMPLE_LAYERS = 8
 _TAKE_BELOW = 0.9
@@ -125,7 +126,8 @@ def pack(model: torch.nn.Module, kernel: str = "auto") -> int:
                     "packing them for %s", kernel, dtype, choices[0])
         kernel = "auto"
     if kernel == "auto":
-        kernel = (fastest_fp32_kernel(first.in_features)[0] if len(choices) > 1 else choices[0])
+        kernel = (_measured_fp32_kernel(first.in_features, torch.get_num_threads())
+                  if len(choices) > 1 else choices[0])
     kind = KERNELS[kernel]
     if not _agrees(first, kind):
         return 0
@@ -144,6 +146,13 @@ def kernel_of(model: torch.nn.Module) -> str | None:
     names = {kind: name for name, kind in KERNELS.items()}
     return next((names[type(module)] for module in model.modules() if type(module) in names),
                 None)
+
+
+@functools.cache
+def _measured_fp32_kernel(width: int, threads: int) -> str:
+    """The pick, once per process for a width and thread count: a benchmark or test that
+    makes many engines measures once."""
+    return fastest_fp32_kernel(width)[0]
 
 
 def fastest_fp32_kernel(width: int) -> tuple[str, dict[str, float]]:
