@@ -103,6 +103,22 @@ def test_the_gpu_benchmark_passes_every_engine_setting_with_its_default():
     assert EngineConfig().model_dump() == ENGINE_DEFAULTS
 
 
+def test_an_engine_row_names_int8_only_where_the_engine_took_it(tiny_llama):
+    """A CPU without fast int8 products declines `quantize: int8` (engine/quantize.py): the
+    row then says what ran, not what was asked."""
+    from ray_inference.bench.offline import engine_run
+    from ray_inference.bench.prompts import Workload
+    from ray_inference.engine import quantize
+    from ray_inference.models import loader, registry
+
+    loaded = loader.load(registry.resolve(tiny_llama), "float32")
+    work = Workload.draw(2, (3, 4), 0, None, loaded.tokenizer)
+    row = engine_run(loaded, work, 2, settings={"quantize": "int8"})
+    took = quantize.fast(loaded.model.config.hidden_size)
+    assert row.variant == f"c: rayinfer engine{' (int8)' if took else ''}, 2 clients"
+    assert row.tokens >= 6
+
+
 def test_engine_rows_name_the_engines_numerics_and_settings_scripts_take_fixed_fields():
     from benchmarks.fixed_settings import parse
     from ray_inference.bench.offline import describe_settings

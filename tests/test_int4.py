@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ray_inference.config import ConfigError, EngineConfig, from_dict
-from ray_inference.engine import GenerationRequest, create_engine, int4, linears
+from ray_inference.engine import GenerationRequest, create_engine, int4, linears, quantize
 from ray_inference.models import loader, registry
 
 PROMPTS = ("hello world", "red", "the cat is a dog of no", "blue green red")
@@ -207,8 +207,10 @@ def test_a_number_copies_every_layer_and_says_it_rounded_weights(model_dir, capl
         engine = create_engine(loaded, EngineConfig(int4_max_rows=2, quantize="int8"))
     try:
         assert engine.describe()["int4_linears"] == 14
-        assert engine.describe()["int8_linears"] == 14  # the copies' layers for many rows
-        assert engine.numerics() == "fp32 int8 int4<=2"
+        # The copies' layers for many rows, where this CPU multiplies int8 fast (quantize.py).
+        int8 = quantize.fast(64)
+        assert engine.describe()["int8_linears"] == (14 if int8 else 0)
+        assert engine.numerics() == ("fp32 int8 int4<=2" if int8 else "fp32 int4<=2")
         assert "14 linear layers were not 4-bit" in caplog.text
         engine._eos = set()
         assert [len(a) for a in answers(engine, together=True)] == [12] * 4

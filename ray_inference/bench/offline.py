@@ -172,8 +172,11 @@ def engine_run(loaded, work: Workload, concurrency: int, tick: Tick = _no_tick,
     for thread in threads:
         thread.join()
     result.seconds = time.perf_counter() - start
+    # As it ran: a CPU without fast int8 products declines int8 (engine/quantize.py).
+    took = config.model_copy(update={"quantize": config.quantize
+                                     if engine.describe().get("int8_linears") else "none"})
     engine.shutdown()
-    kind = describe_settings(config)
+    kind = describe_settings(took)
     kind = f" ({kind})" if kind else ""
     return Row.from_load(f"c: rayinfer engine{kind}, {concurrency} clients", result)
 

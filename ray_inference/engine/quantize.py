@@ -16,15 +16,24 @@ SmolLM2 on a 2-core Xeon without AMX (docs/benchmarks.md): perplexity 40.43 agai
 fp32 on 6,144 tokens of this project's docs, and the engine made more tokens per second at 64
 clients. Off by default: it changes the model's answers (greedy answers part from fp32's after
 a few tokens, where bf16's part after tens).
+
+Only where int8 is fast: on a 2-core AMD EPYC with AVX2 and no int8 dot-product
+instructions (no VNNI), `torch._int_mm` ran no oneDNN primitive (ONEDNN_VERBOSE) and took
+25-90x fp32's time per product, and the engine made 10.4 tok/s at 64 clients against 117.9 in
+fp32. So `quantize` first times int8 layers against fp32 products on this CPU, and keeps the
+model as it is, with a warning that gives both times, where int8 took more than twice as long.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from ray_inference.engine import linears
+from ray_inference.timing import fastest_seconds
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,14 @@ log = logging.getLogger(__name__)
 _LIMIT = 127
 # The smallest scale: an all-zero row or weight channel divides by it, not by zero.
 _TINY = torch.finfo(torch.float32).tiny
+# The speed check at load: rows (a 64-client decode step averages about 49) through fresh
+# (2 width, width) layers, int8 against fp32; int8 is kept where it took at most `_SLOWER_AT_MOST`
+# times fp32's time. The two cases lie far apart: with VNNI a SmolLM2 step's int8 products and
+# input rounding took about 0.64x MKL's fp32 products (a 2-core Xeon without AMX); without it,
+# 25-90x per product (the AMD EPYC).
+_SAMPLE_ROWS = 48
+_SAMPLE_LAYERS = 2
+_SLOWER_AT_MOST = 2.0
 
 
 class Int8Linear(linears.LinearReplacement):
@@ -63,15 +80,60 @@ def supported(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def quantize(model: torch.nn.Module) -> int:
+def quantize(model: torch.nn.Module, if_fast: bool = True) -> int:
     """Swap every `nn.Linear` of a CPU model but its output layer for an `Int8Linear`; returns
-    how many. A build whose int8 product fails or disagrees leaves the model as it is."""
+    how many. A build whose int8 product fails or disagrees leaves the model as it is, and so
+    does one whose int8 products are slow here (`if_fast`; tests of the layers turn it off)."""
     output = linears.output_layer(model)
     places = linears.cpu_linears(model, lambda linear: linear is not output)
     if not places or not _works():
         return 0
+    if if_fast and not fast(getattr(*places[0]).in_features):
+        return 0
     # One trim at the end: per layer it took 0.7 s against 0.4 for SmolLM2, for the same RSS.
     return linears.replace(places, Int8Linear)
+
+
+def fast(width: int) -> bool:
+    """Whether int8 products pay on this CPU, measured once per process for a width and
+    thread count (`int8_against_fp32`); where they do not, it says so in a warning."""
+    return _measured_fast(width, torch.get_num_threads())
+
+
+@functools.cache
+def _measured_fast(width: int, threads: int) -> bool:
+    seconds = int8_against_fp32(width)
+    ratio = seconds["int8"] / seconds["fp32"]
+    if ratio <= _SLOWER_AT_MOST:
+        return True
+    log.warning("engine.quantize: int8 declined: on this CPU %d rows through int8 layers took "
+                "%.1fx fp32's time (%.2f against %.2f ms; torch has no fast int8 product on "
+                "CPUs without int8 dot-product instructions such as VNNI); the model keeps its "
+                "weights", _SAMPLE_ROWS, ratio, seconds["int8"] * 1000, seconds["fp32"] * 1000)
+    return False
+
+
+def int8_against_fp32(width: int) -> dict[str, float]:
+    """Seconds for `_SAMPLE_ROWS` rows through `_SAMPLE_LAYERS` fresh (2 width, width) layers,
+    as `Int8Linear`s ("int8", their inputs' rounding included) and as plain fp32 products
+    ("fp32"): the fastest of three interleaved rounds, on the threads the engine runs."""
+    generator = torch.Generator().manual_seed(0)
+    width = max(width, 512)  # tiny test models would measure noise
+    weights = [torch.randn(2 * width, width, generator=generator) * 0.02
+               for _ in range(_SAMPLE_LAYERS)]
+    x = torch.randn(_SAMPLE_ROWS, width, generator=generator)
+    int8 = []
+    for weight in weights:
+        plain = torch.nn.Linear(width, 2 * width, bias=False)
+        plain.weight.data = weight
+        int8.append(Int8Linear(plain))
+    with torch.inference_mode():
+        seconds = fastest_seconds({"int8": lambda: [layer(x) for layer in int8],
+                                   "fp32": lambda: [F.linear(x, w) for w in weights]}, rounds=3)
+    log.info("int8 products: %d rows through %d layers of %d inputs took %.2f ms, fp32's "
+             "%.2f ms", _SAMPLE_ROWS, _SAMPLE_LAYERS, width, seconds["int8"] * 1000,
+             seconds["fp32"] * 1000)
+    return seconds
 
 
 def _works() -> bool:
