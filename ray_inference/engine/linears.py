@@ -62,6 +62,21 @@ def replace(places: list[Place], make: Callable[[torch.nn.Linear], torch.nn.Modu
     return len(places)
 
 
+def timing_sample(width: int, layers: int, rows: int
+                  ) -> tuple[list[torch.nn.Linear], torch.Tensor]:
+    """What the load-time kernel checks (prepack.py, quantize.py) time: `layers` fresh
+    (2 width, width) fp32 layers without bias, weights drawn as a model's are (std 0.02), and
+    an input of `rows` rows; at least 512 wide (tiny test models would measure noise), the
+    same numbers every time."""
+    generator = torch.Generator().manual_seed(0)
+    width = max(width, 512)
+    sample = [torch.nn.Linear(width, 2 * width, bias=False) for _ in range(layers)]
+    with torch.no_grad():
+        for layer in sample:
+            layer.weight.normal_(std=0.02, generator=generator)
+    return sample, torch.randn(rows, width, generator=generator)
+
+
 def trim_heap() -> None:
     """glibc keeps freed pages; hand them back to the system."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim

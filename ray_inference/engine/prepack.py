@@ -161,13 +161,8 @@ def fastest_fp32_kernel(width: int) -> tuple[str, dict[str, float]]:
     rows through `_SAMPLE_LAYERS` fresh (2 width, width) fp32 layers, the fastest of several
     interleaved rounds (on a busy machine, the one other processes disturbed least), on the
     threads the engine runs."""
-    generator = torch.Generator().manual_seed(0)
-    width = max(width, 512)  # tiny test models would measure noise
-    plain = [torch.nn.Linear(width, 2 * width, bias=False) for _ in range(_SAMPLE_LAYERS)]
-    with torch.no_grad():
-        for layer in plain:
-            layer.weight.normal_(std=0.02, generator=generator)
-    x = torch.randn(_SAMPLE_ROWS, width, generator=generator)
+    plain, x = linears.timing_sample(width, _SAMPLE_LAYERS, _SAMPLE_ROWS)
+    width = x.shape[1]
 
     def products(layers: list[LinearReplacement]):
         return lambda: [layer(x) for layer in layers]

@@ -30,7 +30,6 @@ import functools
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from ray_inference.engine import linears
 from ray_inference.timing import fastest_seconds
@@ -43,9 +42,9 @@ _LIMIT = 127
 _TINY = torch.finfo(torch.float32).tiny
 # The speed check at load: rows (a 64-client decode step averages about 49) through fresh
 # (2 width, width) layers, int8 against fp32; int8 is kept where it took at most `_SLOWER_AT_MOST`
-# times fp32's time. The two cases lie far apart: with VNNI a SmolLM2 step's int8 products and
-# input rounding took about 0.64x MKL's fp32 products (a 2-core Xeon without AMX); without it,
-# 25-90x per product (the AMD EPYC).
+# times plain fp32 products' time. The two cases lie far apart: with VNNI a SmolLM2 step's int8
+# products and input rounding took about 0.64x MKL-packed fp32 products (a 2-core Xeon without
+# AMX), which took 0.52-0.78x plain ones; without it, 25-90x per product (the AMD EPYC).
 _SAMPLE_ROWS = 48
 _SAMPLE_LAYERS = 2
 _SLOWER_AT_MOST = 2.0
@@ -117,21 +116,13 @@ def int8_against_fp32(width: int) -> dict[str, float]:
     """Seconds for `_SAMPLE_ROWS` rows through `_SAMPLE_LAYERS` fresh (2 width, width) layers,
     as `Int8Linear`s ("int8", their inputs' rounding included) and as plain fp32 products
     ("fp32"): the fastest of three interleaved rounds, on the threads the engine runs."""
-    generator = torch.Generator().manual_seed(0)
-    width = max(width, 512)  # tiny test models would measure noise
-    weights = [torch.randn(2 * width, width, generator=generator) * 0.02
-               for _ in range(_SAMPLE_LAYERS)]
-    x = torch.randn(_SAMPLE_ROWS, width, generator=generator)
-    int8 = []
-    for weight in weights:
-        plain = torch.nn.Linear(width, 2 * width, bias=False)
-        plain.weight.data = weight
-        int8.append(Int8Linear(plain))
+    plain, x = linears.timing_sample(width, _SAMPLE_LAYERS, _SAMPLE_ROWS)
+    int8 = [Int8Linear(layer) for layer in plain]
     with torch.inference_mode():
         seconds = fastest_seconds({"int8": lambda: [layer(x) for layer in int8],
-                                   "fp32": lambda: [F.linear(x, w) for w in weights]}, rounds=3)
+                                   "fp32": lambda: [layer(x) for layer in plain]}, rounds=3)
     log.info("int8 products: %d rows through %d layers of %d inputs took %.2f ms, fp32's "
-             "%.2f ms", _SAMPLE_ROWS, _SAMPLE_LAYERS, width, seconds["int8"] * 1000,
+             "%.2f ms", _SAMPLE_ROWS, _SAMPLE_LAYERS, x.shape[1], seconds["int8"] * 1000,
              seconds["fp32"] * 1000)
     return seconds
 
