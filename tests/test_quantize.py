@@ -132,10 +132,11 @@ def test_int8_is_taken_only_where_it_measured_at_most_twice_fp32s_time(model_dir
             assert engine.describe()["int8_linears"] == len(int8_layers) == 0
             assert engine.numerics() == "fp32"
             warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
-            assert re.search(r"int8 declined: .* took [\d.]+x fp32's time \(([\d.]+) against "
+            said = re.search(r"int8 declined: .* took [\d.]+x fp32's time \(([\d.]+) against "
                              r"([\d.]+) ms", warning.getMessage())
+            assert tuple(map(float, said.groups())) == (int8_ms, fp32_ms)
         tokens = [t for c in engine.submit(GenerationRequest(prompt="hello", temperature=0,
-                                                             max_tokens=5))
+                                                             max_tokens=5, ignore_eos=True))
                   for t in c.token_ids]
         assert len(tokens) == 5
     finally:
