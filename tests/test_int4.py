@@ -208,7 +208,7 @@ def test_a_number_copies_every_layer_and_says_it_rounded_weights(model_dir, capl
     try:
         assert engine.describe()["int4_linears"] == 14
         # The copies' layers for many rows, where this CPU multiplies int8 fast (quantize.py).
-        int8 = quantize.fast(64)
+        int8 = quantize.fast(loaded.model.config.hidden_size)  # what the engine asked
         assert engine.describe()["int8_linears"] == (14 if int8 else 0)
         assert engine.numerics() == ("fp32 int8 int4<=2" if int8 else "fp32 int4<=2")
         assert "14 linear layers were not 4-bit" in caplog.text

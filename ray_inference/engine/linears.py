@@ -62,6 +62,12 @@ def replace(places: list[Place], make: Callable[[torch.nn.Linear], torch.nn.Modu
     return len(places)
 
 
+def sample_width(width: int) -> int:
+    """The width a load-time check times for a model of `width` inputs: what its results are
+    cached by, so that every model narrower than 512 shares one measurement."""
+    return max(width, 512)
+
+
 def timing_sample(width: int, layers: int, rows: int
                   ) -> tuple[list[torch.nn.Linear], torch.Tensor]:
     """What the load-time kernel checks (prepack.py, quantize.py) time: `layers` fresh
@@ -69,7 +75,7 @@ def timing_sample(width: int, layers: int, rows: int
     an input of `rows` rows; at least 512 wide (tiny test models would measure noise), the
     same numbers every time."""
     generator = torch.Generator().manual_seed(0)
-    width = max(width, 512)
+    width = sample_width(width)
     sample = [torch.nn.Linear(width, 2 * width, bias=False) for _ in range(layers)]
     with torch.no_grad():
         for layer in sample:

@@ -126,7 +126,8 @@ def pack(model: torch.nn.Module, kernel: str = "auto") -> int:
                     "packing them for %s", kernel, dtype, choices[0])
         kernel = "auto"
     if kernel == "auto":
-        kernel = (_measured_fp32_kernel(first.in_features, torch.get_num_threads())
+        kernel = (_measured_fp32_kernel(linears.sample_width(first.in_features),
+                                        torch.get_num_threads())
                   if len(choices) > 1 else choices[0])
     kind = KERNELS[kernel]
     if not _agrees(first, kind):

@@ -96,7 +96,7 @@ def quantize(model: torch.nn.Module, if_fast: bool = True) -> int:
 def fast(width: int) -> bool:
     """Whether int8 products pay on this CPU, measured once per process for a width and
     thread count (`int8_against_fp32`); where they do not, it says so in a warning."""
-    return _measured_fast(width, torch.get_num_threads())
+    return _measured_fast(linears.sample_width(width), torch.get_num_threads())
 
 
 @functools.cache
