@@ -185,8 +185,8 @@ def test_auto_copies_only_4bit_layers_and_never_the_output_layer(model_dir):
     try:
         described = engine.describe()
         assert described["int4_linears"] == 14  # 2 layers x 7 projections
-        assert described["int4_max_rows"] == int4.AUTO_MAX_ROWS
-        assert engine.numerics() == f"fp32 int4<={int4.AUTO_MAX_ROWS}"
+        assert described["int4_max_rows"] == int4.AUTO_MAX_ROWS[torch.float32] == 16
+        assert engine.numerics() == "fp32 int4<=16"
         assert not isinstance(loaded.model.get_output_embeddings(), int4.FewRowsInt4Linear)
         # The engine's forward pass found the siblings: q/k/v and gate/up share a product.
         assert len(products_of(loaded.model)) == 8
@@ -199,6 +199,23 @@ def test_auto_copies_only_4bit_layers_and_never_the_output_layer(model_dir):
     finally:
         engine.shutdown()
     assert together == alone and all(len(a) == 12 for a in alone)
+
+
+def test_auto_copies_a_bf16_models_layers_for_fewer_rows_than_fp32s(model_dir):
+    """bf16's products (AMX) are faster than fp32's, so the copies take fewer rows there."""
+    loaded = loader.load(registry.resolve(f"tiny-llama={model_dir / 'tiny-llama'}"), "bfloat16")
+    round_to_four_bits(loaded.model)  # still on their levels once rounded to bf16
+    engine = create_engine(loaded, EngineConfig())
+    try:
+        described = engine.describe()
+        assert described["int4_linears"] == 14
+        assert described["int4_max_rows"] == int4.AUTO_MAX_ROWS[torch.bfloat16] == 8
+        assert engine.numerics() == "bf16 int4<=8"
+        engine._eos = set()
+        together = answers(engine, together=True)
+        assert engine.stats.max_batch > 1 and [len(a) for a in together] == [12] * 4
+    finally:
+        engine.shutdown()
 
 
 def test_a_number_copies_every_layer_and_says_it_rounded_weights(model_dir, caplog):

@@ -133,10 +133,10 @@ class CausalEngine(Engine):
                             "makes no 4-bit copies", setting, self._device.type)
             return 0, 0
         if setting == "auto":
-            if self._dtype != torch.float32:  # measured against fp32's products only
+            rows = int4.AUTO_MAX_ROWS.get(self._dtype)  # measured against fp32's and bf16's
+            if rows is None:
                 return 0, 0
-            rows, copies = int4.AUTO_MAX_ROWS, int4.add_copies(self._model, int4.AUTO_MAX_ROWS,
-                                                                only_exact=True)
+            copies = int4.add_copies(self._model, rows, only_exact=True)
         else:
             rows, copies = setting, int4.add_copies(self._model, setting, only_exact=False)
         return (rows, copies) if copies else (0, 0)

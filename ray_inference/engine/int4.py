@@ -6,7 +6,8 @@ Xeon without AMX, SmolLM2's fp32 products took 21 ms of a 33.5 ms one-row step (
 the same weights are about a sixth of those bytes (5/8 of a byte a weight), and torch's CPU
 int4 kernel (`_weight_int4pack_mm_for_cpu`, with bf16 inputs) ran all of
 SmolLM2's layers for one row in 6 ms against MKL's 17-19. Its advantage shrinks with every row (0.45x MKL's
-time at 4 rows, 0.73x at 8, 1.02x at 16, 2x at 64), so each call picks by its own row count:
+time at 4 rows, 0.73x at 8, 1.02x at 16, 2x at 64; against oneDNN's bf16 products on a Xeon
+with AMX, 0.48x at one row, 0.89x at 8, 1.57x at 16), so each call picks by its own row count:
 at most `max_rows` rows go to the copy, more to the layer as it is (MKL-packed, int8 or
 plain). The layers that read one input (q/k/v, gate/up) share one copy and one product.
 
@@ -40,10 +41,13 @@ _KERNEL_OFFSET = 8  # the kernel computes (level - 8) * scale + zero
 _ON_LEVEL = 0.05
 _INNER_K_TILES = 2  # the packed layout's tiling along the inputs (the value measured)
 _TINY = torch.finfo(torch.float32).tiny
-# Where `engine.int4_max_rows` is auto: the most rows whose products go to the copy (one
-# SmolLM2 engine: 1.47x the tokens per second for one client, 1.42x for 4, 1.09x for 16;
-# past 16 rows MKL's fp32 products are faster; docs/benchmarks.md).
-AUTO_MAX_ROWS = 16
+# Where `engine.int4_max_rows` is auto: the most rows whose products go to the copy, by the
+# model's dtype (one SmolLM2 engine, docs/benchmarks.md). fp32, a 2-core Xeon without AMX:
+# 1.47x the tokens per second for one client, 1.42x for 4, 1.09x for 16; past 16 rows MKL's
+# products are faster. bf16, a 2-core Xeon with AMX: SmolLM2's layers on the copies took
+# 0.40-0.48x oneDNN's bf16 time at 1-4 rows, 0.89x at 8, 1.57x at 16; the engine made 1.66x the
+# tok/s for one client, 1.36x for 4, 1.20x for 8 and 0.99x for 16 with copies up to 8 rows.
+AUTO_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
 
 
 @dataclass
