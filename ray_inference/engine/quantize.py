@@ -17,11 +17,13 @@ fp32 on 6,144 tokens of this project's docs, and the engine made more tokens per
 clients. Off by default: it changes the model's answers (greedy answers part from fp32's after
 a few tokens, where bf16's part after tens).
 
-Only where int8 is fast: on a 2-core AMD EPYC with AVX2 and no int8 dot-product
-instructions (no VNNI), `torch._int_mm` ran no oneDNN primitive (ONEDNN_VERBOSE) and took
-25-90x fp32's time per product, and the engine made 10.4 tok/s at 64 clients against 117.9 in
-fp32. So `quantize` first times int8 layers against fp32 products on this CPU, and keeps the
-model as it is, with a warning that gives both times, where int8 took more than twice as long.
+Only where int8 is faster than the model's own products: on a 2-core AMD EPYC with AVX2 and
+no int8 dot-product instructions (no VNNI), `torch._int_mm` ran no oneDNN primitive
+(ONEDNN_VERBOSE) and took 25-90x fp32's time per product, and the engine made 10.4 tok/s at
+64 clients against 117.9 in fp32; on a 2-core Xeon with AMX, whose bf16 products are faster
+still, int8 made a bf16 engine 0.75x as fast (404 against 540 tok/s at 64 clients). So
+`quantize` first times int8 layers against plain products in the model's dtype on this CPU,
+and keeps the model as it is, with a warning that gives both times, where int8 was not faster.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import logging
 import torch
 
 from ray_inference.engine import linears
+from ray_inference.engine.base import short_dtype
 from ray_inference.timing import fastest_seconds
 
 log = logging.getLogger(__name__)
@@ -41,13 +44,14 @@ _LIMIT = 127
 # The smallest scale: an all-zero row or weight channel divides by it, not by zero.
 _TINY = torch.finfo(torch.float32).tiny
 # The speed check at load: rows (a 64-client decode step averages about 49) through fresh
-# (2 width, width) layers, int8 against fp32; int8 is kept where it took at most `_SLOWER_AT_MOST`
-# times plain fp32 products' time. The two cases lie far apart: with VNNI a SmolLM2 step's int8
-# products and input rounding took about 0.64x MKL-packed fp32 products (a 2-core Xeon without
-# AMX), which took 0.52-0.78x plain ones; without it, 25-90x per product (the AMD EPYC).
+# (2 width, width) layers, int8 against plain products in the model's dtype; int8 is kept where
+# it took less time. Measured: fp32 with VNNI, a SmolLM2 step's int8 products and input
+# rounding took about 0.64x MKL-packed fp32 products (a 2-core Xeon without AMX), which took
+# 0.52-0.78x plain ones, and this sample 0.72x plain fp32 on a Xeon with AMX; there, against
+# bf16's AMX products, 1.38x (plain) and 2.2x (packed for oneDNN); without VNNI, 15-22x (the
+# AMD EPYC).
 _SAMPLE_ROWS = 48
 _SAMPLE_LAYERS = 2
-_SLOWER_AT_MOST = 2.0
 
 
 class Int8Linear(linears.LinearReplacement):
@@ -82,48 +86,56 @@ def supported(device: torch.device) -> bool:
 def quantize(model: torch.nn.Module, if_fast: bool = True) -> int:
     """Swap every `nn.Linear` of a CPU model but its output layer for an `Int8Linear`; returns
     how many. A build whose int8 product fails or disagrees leaves the model as it is, and so
-    does one whose int8 products are slow here (`if_fast`; tests of the layers turn it off)."""
+    does one whose int8 products are slower here than the model's own (`if_fast`; tests of
+    the layers turn it off)."""
     output = linears.output_layer(model)
     places = linears.cpu_linears(model, lambda linear: linear is not output)
     if not places or not _works():
         return 0
-    if if_fast and not fast(getattr(*places[0]).in_features):
+    first = getattr(*places[0])
+    if if_fast and not fast(first.in_features, first.weight.dtype):
         return 0
     # One trim at the end: per layer it took 0.7 s against 0.4 for SmolLM2, for the same RSS.
     return linears.replace(places, Int8Linear)
 
 
-def fast(width: int) -> bool:
-    """Whether int8 products pay on this CPU, measured once per process for a width and
-    thread count (`int8_against_fp32`); where they do not, it says so in a warning."""
-    return _measured_fast(linears.sample_width(width), torch.get_num_threads())
+def fast(width: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether int8 products beat a `dtype` model's own on this CPU, measured once per process
+    for a width, dtype and thread count (`int8_against_unquantized`); where they do not, it
+    says so in a warning."""
+    return _measured_fast(linears.sample_width(width), dtype, torch.get_num_threads())
 
 
 @functools.cache
-def _measured_fast(width: int, threads: int) -> bool:
-    seconds = int8_against_fp32(width)
-    ratio = seconds["int8"] / seconds["fp32"]
-    if ratio <= _SLOWER_AT_MOST:
+def _measured_fast(width: int, dtype: torch.dtype, threads: int) -> bool:
+    seconds = int8_against_unquantized(width, dtype)
+    ratio = seconds["int8"] / seconds["unquantized"]
+    if ratio < 1:
         return True
     log.warning("engine.quantize: int8 declined: on this CPU %d rows through int8 layers took "
-                "%.1fx fp32's time (%.2f against %.2f ms; torch has no fast int8 product on "
-                "CPUs without int8 dot-product instructions such as VNNI); the model keeps its "
-                "weights", _SAMPLE_ROWS, ratio, seconds["int8"] * 1000, seconds["fp32"] * 1000)
+                "%.2fx %s's time (%.2f against %.2f ms; int8 pays where the CPU has int8 "
+                "dot-product instructions such as VNNI and the model's own products are slower, "
+                "as fp32's are, not bf16's on AMX); the model keeps its weights", _SAMPLE_ROWS,
+                ratio, short_dtype(dtype), seconds["int8"] * 1000,
+                seconds["unquantized"] * 1000)
     return False
 
 
-def int8_against_fp32(width: int) -> dict[str, float]:
+def int8_against_unquantized(width: int, dtype: torch.dtype) -> dict[str, float]:
     """Seconds for `_SAMPLE_ROWS` rows through `_SAMPLE_LAYERS` fresh (2 width, width) layers,
-    as `Int8Linear`s ("int8", their inputs' rounding included) and as plain fp32 products
-    ("fp32"): the fastest of three interleaved rounds, on the threads the engine runs."""
+    as `Int8Linear`s ("int8", their inputs' rounding included) and as plain products in
+    `dtype` ("unquantized"): the fastest of three interleaved rounds, on the threads the
+    engine runs."""
     plain, x = linears.timing_sample(width, _SAMPLE_LAYERS, _SAMPLE_ROWS)
+    plain, x = [layer.to(dtype) for layer in plain], x.to(dtype)
     int8 = [Int8Linear(layer) for layer in plain]
     with torch.inference_mode():
         seconds = fastest_seconds({"int8": lambda: [layer(x) for layer in int8],
-                                   "fp32": lambda: [layer(x) for layer in plain]}, rounds=3)
-    log.info("int8 products: %d rows through %d layers of %d inputs took %.2f ms, fp32's "
+                                   "unquantized": lambda: [layer(x) for layer in plain]},
+                                  rounds=3)
+    log.info("int8 products: %d rows through %d layers of %d inputs took %.2f ms, %s's "
              "%.2f ms", _SAMPLE_ROWS, _SAMPLE_LAYERS, x.shape[1], seconds["int8"] * 1000,
-             seconds["fp32"] * 1000)
+             short_dtype(dtype), seconds["unquantized"] * 1000)
     return seconds
 
 
