@@ -10,6 +10,7 @@ then the medians and their ratios to rayinfer's.
     LLAMA_SERVER=$(benchmarks/build_llama_server.sh) .venv/bin/python benchmarks/llama_server.py \\
         -c 1 -c 16 -c 64 --out benchmarks/results/llama-server.json
     .venv/bin/python benchmarks/llama_server.py --set quantize=int8 --gguf model-f32.gguf
+    .venv/bin/python benchmarks/llama_server.py --llama-arg=--no-repack   # see docs/benchmarks.md
 
 Uses the ports of benchmarks/local_stack.py, and 127.0.0.1:28080 for llama-server.
 """
@@ -41,17 +42,18 @@ SLOT_TOKENS = 512  # context per llama-server slot: the workload's prompts and a
 
 
 @contextlib.contextmanager
-def llama_server(binary: Path, gguf: Path, slots: int, log: Path) -> Iterator[str]:
+def llama_server(binary: Path, gguf: Path, slots: int, log: Path,
+                 extra: tuple[str, ...] = ()) -> Iterator[str]:
     """llama-server on 127.0.0.1 with every core, `slots` parallel sequences in continuous
     batching, serving `gguf` as model "smollm2", for the `with` block (its URL), once its
-    /health says it is ready."""
+    /health says it is ready; `extra`: more of its own options."""
     cores = str(os.cpu_count() or 1)
     with open(log, "w") as out:
         process = subprocess.Popen(
             [str(binary), "--model", str(gguf), "--alias", "smollm2", "--host", "127.0.0.1",
              "--port", str(LLAMA_PORT), "--threads", cores, "--threads-batch", cores,
              "--parallel", str(slots), "--ctx-size", str(slots * SLOT_TOKENS),
-             "--cont-batching", "--no-webui"],
+             "--cont-batching", "--no-webui", *extra],
             stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_ready(process, lambda: probe(f"{LLAMA_URL}/health", 2)[0] is True, "llama-server",
@@ -115,6 +117,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--set", dest="fixed", action="append", default=[],
                         metavar="FIELD=VALUE", help="an engine: key's value for rayinfer")
+    parser.add_argument("--llama-arg", dest="llama_args", action="append", default=[],
+                        metavar="ARG", help="one more llama-server option (repeat), e.g. "
+                        "--llama-arg=--no-repack where its repacked weights crash")
     args = parser.parse_args()
     if not args.llama_server or not args.llama_server.is_file():
         parser.error("--llama-server (or $LLAMA_SERVER) must name the llama-server binary; "
@@ -136,7 +141,7 @@ def main() -> None:
             head_and_worker, Path(directory), {**engine, "max_batch_size": max(concurrency)}))]
         servers += [(f"llama.cpp {gguf.name}", functools.partial(
             llama_server, args.llama_server, gguf, max(concurrency),
-            Path(directory) / "llama-server.log")) for gguf in ggufs]
+            Path(directory) / "llama-server.log", tuple(args.llama_args))) for gguf in ggufs]
         names = [name for name, _ in servers]
         runs = []
         for round_ in range(1, args.rounds + 1):
