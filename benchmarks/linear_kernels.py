@@ -63,7 +63,7 @@ def all_layers_ms(layers: list[torch.nn.Module], rows: int, dtype: torch.dtype) 
               show_default=True, help="the weights' and inputs' dtype")
 def main(threads: tuple[int, ...], row_counts: tuple[int, ...], passes: int, dtype: str) -> None:
     base = loader.load(registry.resolve("smollm2"), dtype)
-    weights = getattr(torch, dtype)
+    weights = base.dtype
     models = {"copies": base.own_copy().model, "plain": base.own_copy().model}
     added = int4.add_copies(models["copies"], max(row_counts), only_exact=True)
     for kernel in prepack.kernels(weights):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+import torch
 
 
 def fastest_seconds(runs: dict[str, Callable[[], object]], rounds: int = 7) -> dict[str, float]:
@@ -19,3 +22,18 @@ def fastest_seconds(runs: dict[str, Callable[[], object]], rounds: int = 7) -> d
             run()
             best[name] = min(best[name], time.perf_counter() - started)
     return best
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the block: kernels ranked per core. With two threads, while
+    another process took the cores (a second worker starting beside this one), OpenMP's
+    barriers stalled at random: the bf16/fp32 ratio swung from 0.4 to 2.8 on the 2-core Xeon
+    without AMX, and int8 against fp32 from 0.6 to 6.3 on the Xeon with AMX; on one thread they
+    stayed 1.46-3.0 and 0.39-0.81."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -32,8 +32,8 @@ def round_to_four_bits(model: torch.nn.Module) -> None:
                 layer.weight.copy_(int4.FourBit.of(layer.weight).dequantized())
 
 
-def tiny(model_dir, four_bit: bool):
-    loaded = loader.load(registry.resolve(f"tiny-llama={model_dir / 'tiny-llama'}"), "float32")
+def tiny(model_dir, four_bit: bool, dtype: str = "float32"):
+    loaded = loader.load(registry.resolve(f"tiny-llama={model_dir / 'tiny-llama'}"), dtype)
     if four_bit:
         round_to_four_bits(loaded.model)
     return loaded
@@ -203,8 +203,7 @@ def test_auto_copies_only_4bit_layers_and_never_the_output_layer(model_dir):
 
 def test_auto_copies_a_bf16_models_layers_for_fewer_rows_than_fp32s(model_dir):
     """bf16's products (AMX) are faster than fp32's, so the copies take fewer rows there."""
-    loaded = loader.load(registry.resolve(f"tiny-llama={model_dir / 'tiny-llama'}"), "bfloat16")
-    round_to_four_bits(loaded.model)  # still on their levels once rounded to bf16
+    loaded = tiny(model_dir, four_bit=True, dtype="bfloat16")  # on their levels in bf16 too
     engine = create_engine(loaded, EngineConfig())
     try:
         described = engine.describe()

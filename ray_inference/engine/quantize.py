@@ -35,7 +35,7 @@ import torch
 
 from ray_inference.engine import linears
 from ray_inference.engine.base import short_dtype
-from ray_inference.timing import fastest_seconds
+from ray_inference.timing import fastest_seconds, one_thread
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,13 @@ _LIMIT = 127
 # The smallest scale: an all-zero row or weight channel divides by it, not by zero.
 _TINY = torch.finfo(torch.float32).tiny
 # The speed check at load: rows (a 64-client decode step averages about 49) through fresh
-# (2 width, width) layers, int8 against plain products in the model's dtype; int8 is kept where
-# it took less time. Measured: fp32 with VNNI, a SmolLM2 step's int8 products and input
-# rounding took about 0.64x MKL-packed fp32 products (a 2-core Xeon without AMX), which took
-# 0.52-0.78x plain ones, and this sample 0.72x plain fp32 on a Xeon with AMX; there, against
-# bf16's AMX products, 1.38x (plain) and 2.2x (packed for oneDNN); without VNNI, 15-22x (the
-# AMD EPYC).
+# (2 width, width) layers, int8 against plain products in the model's dtype, on one thread
+# (`timing.one_thread`); int8 is kept where it took less time. Measured: fp32 with VNNI, a
+# SmolLM2 step's int8 products and input rounding took about 0.64x MKL-packed fp32 products (a
+# 2-core Xeon without AMX), which took 0.52-0.78x plain ones; on the Xeon with AMX this sample
+# took 0.39-0.81x plain fp32 and 1.07-1.74x plain bf16 on one thread, with or without a second
+# process timing beside it (on two threads beside a second process: fp32 up to 6.3x, bf16 up to 12x);
+# without VNNI, 15-22x fp32 (the AMD EPYC, on two threads).
 _SAMPLE_ROWS = 48
 _SAMPLE_LAYERS = 2
 
@@ -101,19 +102,20 @@ def quantize(model: torch.nn.Module, if_fast: bool = True) -> int:
 
 def fast(width: int, dtype: torch.dtype = torch.float32) -> bool:
     """Whether int8 products beat a `dtype` model's own on this CPU, measured once per process
-    for a width, dtype and thread count (`int8_against_unquantized`); where they do not, it
-    says so in a warning."""
-    return _measured_fast(linears.sample_width(width), dtype, torch.get_num_threads())
+    for a width and dtype (`int8_against_unquantized`); where they do not, it says so in a
+    warning."""
+    return _measured_fast(linears.sample_width(width), dtype)
 
 
 @functools.cache
-def _measured_fast(width: int, dtype: torch.dtype, threads: int) -> bool:
-    seconds = int8_against_unquantized(width, dtype)
+def _measured_fast(width: int, dtype: torch.dtype) -> bool:
+    with one_thread():
+        seconds = int8_against_unquantized(width, dtype)
     ratio = seconds["int8"] / seconds["unquantized"]
     if ratio < 1:
         return True
     log.warning("engine.quantize: int8 declined: on this CPU %d rows through int8 layers took "
-                "%.2fx %s's time (%.2f against %.2f ms; int8 pays where the CPU has int8 "
+                "%.2fx %s's time (%.3f against %.3f ms; int8 pays where the CPU has int8 "
                 "dot-product instructions such as VNNI and the model's own products are slower, "
                 "as fp32's are, not bf16's on AMX); the model keeps its weights", _SAMPLE_ROWS,
                 ratio, short_dtype(dtype), seconds["int8"] * 1000,
@@ -124,8 +126,8 @@ def _measured_fast(width: int, dtype: torch.dtype, threads: int) -> bool:
 def int8_against_unquantized(width: int, dtype: torch.dtype) -> dict[str, float]:
     """Seconds for `_SAMPLE_ROWS` rows through `_SAMPLE_LAYERS` fresh (2 width, width) layers,
     as `Int8Linear`s ("int8", their inputs' rounding included) and as plain products in
-    `dtype` ("unquantized"): the fastest of three interleaved rounds, on the threads the
-    engine runs."""
+    `dtype` ("unquantized"): the fastest of three interleaved rounds, on torch's threads as
+    they are."""
     plain, x = linears.timing_sample(width, _SAMPLE_LAYERS, _SAMPLE_ROWS)
     plain, x = [layer.to(dtype) for layer in plain], x.to(dtype)
     int8 = [Int8Linear(layer) for layer in plain]
@@ -133,8 +135,9 @@ def int8_against_unquantized(width: int, dtype: torch.dtype) -> dict[str, float]
         seconds = fastest_seconds({"int8": lambda: [layer(x) for layer in int8],
                                    "unquantized": lambda: [layer(x) for layer in plain]},
                                   rounds=3)
-    log.info("int8 products: %d rows through %d layers of %d inputs took %.2f ms, %s's "
-             "%.2f ms", _SAMPLE_ROWS, _SAMPLE_LAYERS, x.shape[1], seconds["int8"] * 1000,
+    # Three decimals: the tests tell the decision from these times.
+    log.info("int8 products: %d rows through %d layers of %d inputs took %.3f ms, %s's "
+             "%.3f ms", _SAMPLE_ROWS, _SAMPLE_LAYERS, x.shape[1], seconds["int8"] * 1000,
              short_dtype(dtype), seconds["unquantized"] * 1000)
     return seconds
 

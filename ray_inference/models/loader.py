@@ -13,7 +13,7 @@ import torch
 
 from ray_inference.errors import ModelLoadError
 from ray_inference.models.registry import ModelSource
-from ray_inference.timing import fastest_seconds
+from ray_inference.timing import fastest_seconds, one_thread
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +93,8 @@ def pick_dtype(requested: str, device: torch.device, width: int = 576) -> torch.
     if flags and not flags & {"avx512_bf16", "amx_bf16"}:
         return torch.float32
     width = max(width, 512)  # tiny test models would measure noise
-    # Timed on one thread: the kernels ranked per core. With two threads, while another process
-    # took the cores (a second worker starting beside this one), OpenMP's barriers stalled at
-    # random and the bf16/fp32 ratio swung from 0.4 to 2.8 on the 2-core Xeon without AMX,
-    # where bf16 is 1.6x slower; on one thread it stayed 1.46-3.0 with three processes timing.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():  # bf16 is 1.6x slower on the Xeon without AMX: a stall could flip it
         fp32, bf16 = _linear_seconds((torch.float32, torch.bfloat16), width)
-    finally:
-        torch.set_num_threads(threads)
     return torch.bfloat16 if bf16 < fp32 * 0.9 else torch.float32
 
 
