@@ -116,6 +116,10 @@ class EngineConfig(_Section):
     # Where arrivals are not packed: one that arrives during a decode step is prefilled at the
     # next layer boundary, not after the step (eager steps only).
     admit_between_layers: bool = True
+    # CPU workers, Llama-shaped models (SmolLM2, Llama 3): decode steps call each layer's
+    # modules directly instead of through transformers' per-layer plumbing; the same logits,
+    # less time a step (docs/engine.md). false: through the model's own forward.
+    lean_decode: bool = True
     # Keep the K/V of a prompt start that recent prompts share (a chat template's system
     # prompt) and prefill only what follows it.
     prefix_cache: bool = True

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ray_inference.engine import int4, packing, prepack, quantize, sdpa
+from ray_inference.engine import int4, lean, packing, prepack, quantize, sdpa
 from ray_inference.engine.base import Engine, Pending, short_dtype
 from ray_inference.engine.graphs import MIN_COLUMNS, MIN_ROWS, DecodeGraphs, bucket
 from ray_inference.engine.kv import COLUMN_CHUNK, SlotKV
@@ -100,6 +100,10 @@ class CausalEngine(Engine):
         # Settled CPU steps go through it as packed steps, with room for arrivals' prompts.
         self._packed_steps = (self._device.type == "cpu" and not self._overlap
                               and self._graphs is None and self._grouped_query)
+        # Those steps call the layers' modules directly where the model is Llama-shaped.
+        self._lean = (lean.LeanDecoder(self._model)
+                      if config.lean_decode and self._packed_steps and lean.supported(self._model)
+                      else None)
         # Arrivals ride in the running batch's next decode step.
         self._packing = config.pack_arrivals and self._packed_steps
         # Otherwise arrivals during an eager decode step are prefilled at the next layer
@@ -186,7 +190,8 @@ class CausalEngine(Engine):
         """What the engine runs on, for logs and benchmarks."""
         info = {"kv_bytes": self._kv.nbytes if self._kv else 0,
                 "cuda_graphs": self._graphs is not None, "grouped_query_steps": self._grouped_query,
-                "packed_steps": self._packed_steps, "pack_arrivals": self._packing,
+                "packed_steps": self._packed_steps, "lean_decode": self._lean is not None,
+                "pack_arrivals": self._packing,
                 "prepacked_linears": self._prepacked,
                 "prepack_kernel": self._prepack_kernel,
                 "int8_linears": self._quantized,
@@ -533,8 +538,10 @@ class CausalEngine(Engine):
         positions = torch.cat([self._positions[:rows],
                                torch.tensor(positions, dtype=torch.long, device=self._device)])
         keep = plan.keep(self._device)
-        extra = {self._cache_arg: packing.packed_cache(self._kv.keys, self._kv.values, plan),
-                 packing.PLAN: plan}
+        cache = packing.packed_cache(self._kv.keys, self._kv.values, plan)
+        if self._lean is not None:
+            return self._lean.forward(ids, positions, cache, plan, keep if arrivals else None)
+        extra = {self._cache_arg: cache, packing.PLAN: plan}
         if self._keep_last_logits:
             extra["logits_to_keep"] = keep
         # A 4D mask makes transformers skip building its own; packed attention ignores it.
