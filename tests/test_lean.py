@@ -69,6 +69,8 @@ def test_a_lean_step_gives_the_models_own_logits_and_cache(model_dir, dtype, pre
 
 
 def test_forward_hooks_on_decoder_layers_still_run(model_dir):
+    """Both kinds of hook run after their layer, and one that returns a tensor replaces the
+    layer's output (zeros here: every logit comes out zero)."""
     loaded = loader.load(registry.resolve(f"tiny-llama={model_dir / 'tiny-llama'}"), "float32")
     model = loaded.model
     packing.enable(model)
@@ -78,12 +80,14 @@ def test_forward_hooks_on_decoder_layers_still_run(model_dir):
     handles = [layers[0].register_forward_hook(lambda m, a, out: seen.append(("plain", m))),
                layers[-1].register_forward_hook(lambda m, a, kw, out: seen.append(("kw", m)),
                                                 with_kwargs=True)]
+    handles.append(layers[-1].register_forward_hook(lambda m, a, out: torch.zeros_like(out)))
     with torch.inference_mode():
-        lean.LeanDecoder(model).forward(ids, positions,
-                                        packing.packed_cache(kv.keys, kv.values, plan), plan)
+        logits = lean.LeanDecoder(model).forward(
+            ids, positions, packing.packed_cache(kv.keys, kv.values, plan), plan)
     for handle in handles:
         handle.remove()
     assert seen == [("plain", layers[0]), ("kw", layers[-1])]
+    assert not logits.any()
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-t5"])

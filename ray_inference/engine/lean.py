@@ -2,7 +2,7 @@
 
 A CPU decode step of SmolLM2 runs some 900 small kernels, and at one row the Python around
 them (keyword plumbing, the attention interface's lookup, output capture, the mask builder)
-costs about as much as the kernels themselves. For models built of transformers' own Llama
+took about a fifth of the step (docs/engine.md). For models built of transformers' own Llama
 layers (SmolLM2, Llama 3, TinyLlama) `LeanDecoder` runs a packed step (packing.py) by calling
 each layer's modules itself: the same modules (packed, 4-bit or int8 linear layers included),
 the same rotary function, the same cache writes and the same packed attention, so the logits
@@ -25,7 +25,7 @@ from ray_inference.engine import packing
 
 def supported(model: torch.nn.Module) -> bool:
     """Llama models whose every layer is transformers' own Llama layer, attending to the whole
-    span (no sliding window), through the packed attention."""
+    span (no sliding window). The engine takes it for packed steps only."""
     if type(model) is not LlamaForCausalLM or getattr(model.config, "sliding_window", None):
         return False
     return all(type(layer) is LlamaDecoderLayer and type(layer.self_attn) is LlamaAttention
@@ -59,17 +59,21 @@ class LeanDecoder:
                                               **{packing.PLAN: plan})
             hidden = hidden + attention.o_proj(out.reshape(*shape[:2], -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            _run_forward_hooks(layer, layer_input, hidden)
+            hidden = _run_forward_hooks(layer, layer_input, hidden)
         hidden = inner.norm(hidden)[0]
         return self._model.lm_head(hidden if keep is None else hidden.index_select(0, keep))
 
 
 def _run_forward_hooks(layer: torch.nn.Module, layer_input: torch.Tensor,
-                       output: torch.Tensor) -> None:
+                       output: torch.Tensor) -> torch.Tensor:
     """What `layer(layer_input)` would have called on its way out: its forward hooks (those
-    registered `with_kwargs` get no keywords: the lean step passes none)."""
+    registered `with_kwargs` get no keywords: the lean step passes none). A hook that returns
+    a tensor replaces the output, as in `nn.Module.__call__`."""
     for hook_id, hook in layer._forward_hooks.items():
         if layer._forward_hooks_with_kwargs.get(hook_id):
-            hook(layer, (layer_input,), {}, output)
+            result = hook(layer, (layer_input,), {}, output)
         else:
-            hook(layer, (layer_input,), output)
+            result = hook(layer, (layer_input,), output)
+        if result is not None:
+            output = result
+    return output
