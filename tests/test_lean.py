@@ -16,7 +16,7 @@ def packed_step(model, rows: int, prompt: int, prefix: int):
     generator = torch.Generator().manual_seed(0)
     config = model.config
     dtype = model.dtype
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = model.model.layers[0].self_attn.head_dim
     kv = SlotKV(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype,
                 torch.device("cpu"), rows + 1, 32, 64)
     for tensor in kv.keys + kv.values:
@@ -47,9 +47,8 @@ def model_logits(model, kv: SlotKV, plan, ids, positions) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("prefix", [0, 3], ids=["whole-prompt", "after-a-cached-prefix"])
-def test_a_lean_step_gives_the_models_own_logits_and_cache(model_dir, dtype, prefix):
-    loaded = loader.load(registry.resolve(f"tiny-llama={model_dir / 'tiny-llama'}"),
-                         str(dtype).removeprefix("torch."))
+def test_a_lean_step_gives_the_models_own_logits_and_cache(tiny_llama, dtype, prefix):
+    loaded = loader.load(registry.resolve(tiny_llama), str(dtype).removeprefix("torch."))
     model = loaded.model
     packing.enable(model)
     assert lean.supported(model)
@@ -68,11 +67,10 @@ def test_a_lean_step_gives_the_models_own_logits_and_cache(model_dir, dtype, pre
         assert torch.equal(mine, other)  # the step's K/V written to the same columns
 
 
-def test_forward_hooks_on_decoder_layers_still_run(model_dir):
+def test_forward_hooks_on_decoder_layers_still_run(tiny_llama):
     """Both kinds of hook run after their layer, and one that returns a tensor replaces the
     layer's output (zeros here: every logit comes out zero)."""
-    loaded = loader.load(registry.resolve(f"tiny-llama={model_dir / 'tiny-llama'}"), "float32")
-    model = loaded.model
+    model = loader.load(registry.resolve(tiny_llama), "float32").model
     packing.enable(model)
     kv, plan, ids, positions = packed_step(model, rows=2, prompt=1, prefix=0)
     seen = []

@@ -1,13 +1,14 @@
 """Packed decode steps of Llama-shaped models without transformers' per-layer machinery.
 
-A CPU decode step of SmolLM2 runs some 900 small kernels, and at one row the Python around
-them (keyword plumbing, the attention interface's lookup, output capture, the mask builder)
-took about a fifth of the step (docs/engine.md). For models built of transformers' own Llama
-layers (SmolLM2, Llama 3, TinyLlama) `LeanDecoder` runs a packed step (packing.py) by calling
-each layer's modules itself: the same modules (packed, 4-bit or int8 linear layers included),
-the same rotary function, the same cache writes and the same packed attention, so the logits
-are the model's own, bit for bit; only the calls between them are fewer. Forward hooks on a
-decoder layer still run after it (the engine's admission between layers uses them).
+A CPU decode step of SmolLM2 runs some 900 small kernels, with Python around them (keyword
+plumbing, the attention interface's lookup, output capture, the mask builder); skipping that
+Python took a one-row step to 0.83-0.86x its time (benchmarks/lean_step.py). For models built
+of transformers' own Llama layers (SmolLM2, Llama 3, TinyLlama) `LeanDecoder` runs a packed
+step (packing.py) by calling each layer's modules itself: the same modules (packed, 4-bit or
+int8 linear layers included), the same rotary function, the same cache writes and the same
+packed attention, so the logits are the model's own, bit for bit; only the calls between them
+are fewer. Forward hooks on a decoder layer still run after it (the engine's admission between
+layers uses them).
 """
 
 from __future__ import annotations
