@@ -48,11 +48,12 @@ class InferenceActor:
             "ip": ray.util.get_node_ip_address(),
             "pid": os.getpid(),
             "threads": threads,
+            "huge_page_bytes": self._engine.huge_page_bytes,  # weights moved onto 2 MB pages
         }
         self._served = 0
         logs.event(log, "model loaded", **{k: self._info[k] for k in (
             "model", "task", "device", "dtype", "numerics", "parameters", "load_s")},
-                   rss_mb=logs.rss_bytes() // 2**20)
+                   rss_mb=logs.rss_bytes() // 2**20, huge_pages_mb=self._engine.huge_page_bytes >> 20)
 
     def describe(self) -> dict[str, Any]:
         return {**self._info, **self._engine.load(), "served": self._served,

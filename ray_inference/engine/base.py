@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ray_inference.engine import huge_pages
 from ray_inference.engine.openmp import release_calling_thread_team
 from ray_inference.engine.types import Chunk, GenerationRequest
 from ray_inference.errors import ContextLengthExceeded, InvalidRequest, Overloaded
@@ -186,6 +187,9 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._outbox = Outbox()
+        # The weights are in place: on a CPU their pages now become 2 MB ones (huge_pages.py).
+        self.huge_page_bytes = (huge_pages.collapse_resident()
+                                if config.huge_pages and loaded.device.type == "cpu" else 0)
         # The caller (who loaded the model) is done with torch: its OpenMP team would only
         # slow the engine thread's (see openmp.py).
         release_calling_thread_team()

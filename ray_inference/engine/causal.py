@@ -196,7 +196,8 @@ class CausalEngine(Engine):
                 "prepack_kernel": self._prepack_kernel,
                 "int8_linears": self._quantized,
                 "int4_linears": self._int4_copies, "int4_max_rows": self._int4_rows,
-                "kv_dtype": str(self._kv_dtype).removeprefix("torch.")}
+                "kv_dtype": str(self._kv_dtype).removeprefix("torch."),
+                "huge_page_bytes": self.huge_page_bytes}
         if self._graphs is not None:
             info.update(graph_captures=self._graphs.captures, graph_replays=self._graphs.replays)
         return info
@@ -334,7 +335,8 @@ class CausalEngine(Engine):
         if self._graphs is not None:  # graphs want the slot count fixed from the start
             slots = self.config.max_batch_size
         self._kv = SlotKV(len(layers), keys.shape[1], keys.shape[3], self._kv_dtype, self._device,
-                          slots, columns, self._max_columns + COLUMN_CHUNK)
+                          slots, columns, self._max_columns + COLUMN_CHUNK,
+                          self.config.huge_pages)
         self._positions = torch.zeros(slots, dtype=torch.long, device=self._device)
         self._last = torch.zeros(slots, dtype=torch.long, device=self._device)
         self.stats.kv_bytes_peak = max(self.stats.kv_bytes_peak, self._kv.nbytes)

@@ -12,28 +12,47 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ray_inference.engine import huge_pages
+
 # Buffers grow by this many columns at a time (a whole-buffer copy each time).
 COLUMN_CHUNK = 128
 
 
 class SlotKV:
     """K and V of every layer as (slots, kv_heads, columns, head_dim) tensors, in `dtype`
-    (the model's, or `engine.kv_cache_dtype`: writes cast to it)."""
+    (the model's, or `engine.kv_cache_dtype`: writes cast to it). `huge_pages`: CPU buffers
+    ask for 2 MB pages (huge_pages.py)."""
 
     def __init__(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, slots: int, columns: int, max_columns: int):
+                 device: torch.device, slots: int, columns: int, max_columns: int,
+                 huge_pages: bool = False):
         self.shape = (heads, head_dim)
         self.dtype, self.device = dtype, device
+        self.huge_pages = huge_pages and device.type == "cpu"
         self.max_columns = max_columns
-        self.keys = [self._empty(slots, columns) for _ in range(layers)]
-        self.values = [self._empty(slots, columns) for _ in range(layers)]
+        self.keys, self.values = self._buffers(layers, slots, columns)
         self.valid = torch.zeros((slots, columns), dtype=torch.bool, device=device)
         # Layer buffers are replaced when they grow: `generation` tells graphs to re-capture.
         self.generation = 0
 
-    def _empty(self, slots: int, columns: int) -> torch.Tensor:
-        return torch.zeros((slots, *self.shape[:1], columns, self.shape[1]), dtype=self.dtype,
-                           device=self.device)
+    def _buffers(self, layers: int, slots: int, columns: int
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Zeroed K and V buffers of every layer, each layer's two in one allocation."""
+        keys, values = [], []
+        for _ in range(layers):
+            key, value = self._layer(slots, columns)
+            keys.append(key)
+            values.append(value)
+        return keys, values
+
+    def _layer(self, slots: int, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (2, slots, self.shape[0], columns, self.shape[1])
+        numel = 2 * slots * self.shape[0] * columns * self.shape[1]
+        if self.huge_pages:
+            both = huge_pages.zeros(numel, self.dtype, self.device).view(shape)
+        else:
+            both = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return both[0], both[1]
 
     @property
     def slots(self) -> int:
@@ -56,11 +75,11 @@ class SlotKV:
         if columns > self.max_columns:
             raise RuntimeError(f"the KV cache would need {columns} columns; the limit is "
                                f"{self.max_columns}")
-        for buffers in (self.keys, self.values):
-            for i, old in enumerate(buffers):
-                new = self._empty(slots, columns)
-                new[:old.shape[0], :, :old.shape[2]] = old
-                buffers[i] = new
+        for i, (old_key, old_value) in enumerate(zip(self.keys, self.values, strict=True)):
+            key, value = self._layer(slots, columns)
+            key[:old_key.shape[0], :, :old_key.shape[2]] = old_key
+            value[:old_value.shape[0], :, :old_value.shape[2]] = old_value
+            self.keys[i], self.values[i] = key, value
         valid = torch.zeros((slots, columns), dtype=torch.bool, device=self.device)
         valid[:self.slots, :self.columns] = self.valid
         self.valid = valid
