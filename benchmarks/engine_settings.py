@@ -11,6 +11,7 @@ fields keep their defaults unless --set gives them a value for every run.
     .venv/bin/python benchmarks/engine_settings.py kv_cache_dtype bfloat16 auto --set quantize=int8
     .venv/bin/python benchmarks/engine_settings.py kv_cache_dtype bfloat16 auto -c 64 \\
         --min-tokens 256 --max-tokens 512
+    .venv/bin/python benchmarks/engine_settings.py huge_pages true -c 64 --rounds 1  # one value
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def main(setting: str, values: tuple[str, ...], concurrency: tuple[int, ...], ro
         values = ("true", "false")
     if not values:
         raise click.BadParameter("give the values to compare", param_hint="VALUES")
+    if setting == "huge_pages" and len(values) > 1:  # its collapse acts on the whole process
+        raise click.BadParameter("huge_pages changes every engine in the process: run each "
+                                 "value in a process of its own", param_hint="VALUES")
     parsed = [yaml.safe_load(v) for v in values]
     try:
         others = fixed_settings.parse(fixed, setting)
