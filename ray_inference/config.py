@@ -155,8 +155,8 @@ class EngineConfig(_Section):
     # 2-core Xeon, libgomp's own default about 5 ms). A thread that slept on a busy machine waits
     # for a core at the next kernel; null keeps libgomp's default.
     openmp_spin_count: int | None = Field(3_000_000, ge=0)
-    # CPU engines move their resident memory (the weights, once in place) onto 2 MB pages
-    # with MADV_COLLAPSE (Linux 6.1+; huge_pages.py): fewer TLB misses in every weight read.
+    # CPU engines keep their weights (collapsed once in place, MADV_COLLAPSE, Linux 6.1+) and
+    # KV cache on 2 MB transparent huge pages (huge_pages.py): fewer TLB misses in every step.
     huge_pages: bool = True
 
 

@@ -3,14 +3,16 @@ process's own page tables (/proc/self/smaps_rollup) on this machine's kernel."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from ray_inference.config import EngineConfig
 from ray_inference.engine import create_engine, huge_pages
-from ray_inference.engine.kv import SlotKV
 from ray_inference.models import loader, registry
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -18,47 +20,68 @@ pytestmark = pytest.mark.skipif(not THP_MODE.exists() or "[never]" in THP_MODE.r
                                 reason="this kernel has no transparent huge pages")
 
 
-def huge_bytes() -> int:
+# Each check runs in a fresh process: there the process's totals in /proc/self/smaps_rollup
+# move only with what the check does (in the test session, memory that earlier tests freed
+# could leave huge pages meanwhile).
+PRELUDE = """
+import json, torch
+from ray_inference.engine import huge_pages
+from ray_inference.engine.kv import SlotKV
+
+def rollup(field):
     with open("/proc/self/smaps_rollup") as rollup:
-        line = next(line for line in rollup if line.startswith("AnonHugePages"))
-    return int(line.split()[1]) * 1024
+        return int(next(l for l in rollup if l.startswith(field)).split()[1]) * 1024
+"""
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/smaps_rollup") as rollup:
-        return int(next(line for line in rollup if line.startswith("Rss")).split()[1]) * 1024
+def run_isolated(code: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_resident_memory_is_collapsed_in_place_without_growing():
-    weights = torch.randn(48 << 20 >> 2)  # 48 MiB, every page written
-    copy = weights.clone()
-    before, rss = huge_bytes(), rss_bytes()
-    collapsed = huge_pages.collapse_resident()
-    assert collapsed >= 80 << 20  # both tensors, less their unaligned ends
-    assert huge_bytes() - before >= 80 << 20
-    assert torch.equal(weights, copy)
-    # Only whole resident ranges are collapsed: no page is added.
-    assert rss_bytes() - rss < 8 << 20
+    found = run_isolated("""
+        weights = torch.randn(48 << 20 >> 2)  # 48 MiB, every page written
+        copy = weights.clone()
+        huge, rss = rollup("AnonHugePages"), rollup("Rss")
+        collapsed = huge_pages.collapse_resident()
+        print(json.dumps({"collapsed": collapsed, "huge": rollup("AnonHugePages") - huge,
+                          "rss": rollup("Rss") - rss, "same": torch.equal(weights, copy)}))
+    """)
+    assert found["collapsed"] >= 80 << 20  # both tensors, less their unaligned ends
+    assert found["huge"] >= 80 << 20
+    assert found["same"]
+    assert found["rss"] < 8 << 20  # only whole resident ranges: no page is added
 
 
 def test_kv_buffers_start_on_huge_pages_and_keep_their_values_when_grown():
-    before = huge_bytes()
-    kv = SlotKV(4, 3, 64, torch.float32, torch.device("cpu"), 64, 128, 1024, huge_pages=True)
-    assert huge_bytes() - before >= 0.8 * kv.nbytes
-    plain = SlotKV(4, 3, 64, torch.float32, torch.device("cpu"), 64, 128, 1024)
-    # Each layer's allocation (its K, then its V) starts on a 2 MB boundary.
-    assert all(key.data_ptr() % huge_pages.HUGE == 0 for key in kv.keys)
-    assert all(torch.count_nonzero(b) == 0 for b in kv.keys + kv.values)
-    assert kv.nbytes == plain.nbytes == 8 * 64 * 3 * 128 * 64 * 4
-    for mine, other in zip(kv.keys + kv.values, plain.keys + plain.values, strict=True):
-        other.copy_(mine.normal_())
-    kv.grow(64, 256)
-    plain.grow(64, 256)
-    # 8 buffers of 12 MiB, a new 24 MiB allocation per layer: nearly all of it on huge pages.
-    assert huge_bytes() - before >= 0.8 * kv.nbytes
-    for mine, other in zip(kv.keys + kv.values, plain.keys + plain.values, strict=True):
-        assert torch.equal(mine, other)
-        assert torch.count_nonzero(mine[:, :, 128:]) == 0
+    found = run_isolated("""
+        before = rollup("AnonHugePages")
+        kv = SlotKV(4, 3, 64, torch.float32, torch.device("cpu"), 64, 128, 1024, huge_pages=True)
+        plain = SlotKV(4, 3, 64, torch.float32, torch.device("cpu"), 64, 128, 1024)
+        found = {"aligned": all(k.data_ptr() % huge_pages.HUGE == 0 for k in kv.keys),
+                 "zeroed": all(torch.count_nonzero(b) == 0 for b in kv.keys + kv.values),
+                 "nbytes": [kv.nbytes, plain.nbytes], "new": rollup("AnonHugePages") - before}
+        for mine, other in zip(kv.keys + kv.values, plain.keys + plain.values, strict=True):
+            other.copy_(mine.normal_())
+        kv.grow(64, 256)
+        plain.grow(64, 256)
+        found["grown"] = rollup("AnonHugePages") - before
+        found["grown_nbytes"] = kv.nbytes
+        found["kept"] = all(torch.equal(a, b) for a, b in zip(kv.keys + kv.values,
+                                                               plain.keys + plain.values))
+        found["fresh"] = all(torch.count_nonzero(b[:, :, 128:]) == 0 for b in kv.keys)
+        print(json.dumps(found))
+    """)
+    # Each layer's allocation (its K, then its V) starts on a 2 MB boundary, zeroed.
+    assert found["aligned"] and found["zeroed"]
+    assert found["nbytes"] == [8 * 64 * 3 * 128 * 64 * 4] * 2
+    assert found["new"] >= 0.8 * found["nbytes"][0]
+    # 8 buffers of 12 MiB, a new 24 MiB allocation per layer: nearly all on huge pages.
+    assert found["grown"] >= 0.8 * found["grown_nbytes"]
+    assert found["kept"] and found["fresh"]
 
 
 def test_a_cpu_engine_reports_what_it_collapsed(tiny_llama):

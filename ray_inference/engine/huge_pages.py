@@ -9,14 +9,15 @@ virtual machine makes longer). The kernel backs memory with transparent huge pag
   process's private anonymous memory whose pages are all resident into one huge page. Ranges
   with pages missing are left alone, so no memory is added. Weights kept in files (`mmap`ed
   safetensors) are not anonymous and stay as they are.
-- `zeros`, for the KV cache's buffers (each allocation holds every layer's K and V): memory
+- `zeros`, for the KV cache's buffers (one allocation per layer holds its K and V): memory
   that starts on a 2 MB boundary, asked for in 2 MB pages before it is first written
   (`MADV_HUGEPAGE`, where the THP mode is `madvise` or `always`) and collapsed after.
 
 The pages that come and go with each step (activations) keep the system's policy. SmolLM2 on
-the 2-core Xeon with AMX (benchmarks/huge_pages_step.py, both engines in one process): decode
-steps took 0.80-0.94x the time at one row and 0.77-0.96x at 64, the least gain in the quietest
-hour.
+the 2-core Xeon with AMX (both engines in one process, steps alternating): decode steps took
+0.84x the time at one row and 0.88x at 64 (benchmarks/huge_pages_step.py), 0.80-0.94x and
+0.77-0.96x in by-hand runs, the least gain in the quietest hour. Weights or KV cache alone on
+huge pages gave 0.98x each (docs/benchmarks.md).
 """
 
 from __future__ import annotations
