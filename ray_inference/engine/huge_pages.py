@@ -23,6 +23,7 @@ huge pages gave 0.98x each (docs/benchmarks.md).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _PRESENT = 1 << 63  # /proc/self/pagemap: the page is in memory
 
 
+@functools.cache
 def _madvise():
     madvise = ctypes.CDLL(None, use_errno=True).madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
