@@ -222,14 +222,39 @@ def _scalar(text: str) -> Any:
     return text
 
 
-def _describe(error: dict[str, Any]) -> str:
-    where = ".".join(str(p) for p in error["loc"])
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return f"{where}: unknown key (check the spelling; see config/laptop.yaml for every key)"
-    value = error.get("input")
-    shown = repr(value) if not isinstance(value, dict) else "a mapping"
-    return f"{where}: {shown} is not allowed: {error['msg']}"
+def _key(loc: tuple) -> str:
+    """An error's location as the key a user wrote (engine.pack_arrivals), without the union
+    member pydantic appends when a value fits none of a field's types."""
+    model: Any = Config
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts[-1] += f"[{part}]"
+        elif model is not None and part in model.model_fields:
+            parts.append(part)
+            annotation = model.model_fields[part].annotation
+            model = annotation if isinstance(annotation, type) and issubclass(
+                annotation, BaseModel) else None
+        else:
+            break
+    return ".".join(parts)
+
+
+def _describe(errors: list[dict[str, Any]]) -> str:
+    """One clause per key and value: what is wrong with it, every type it could have been."""
+    clauses: dict[tuple[str, str], list[str]] = {}
+    for error in errors:
+        if error["type"] == "extra_forbidden":
+            where = ".".join(str(p) for p in error["loc"])
+            clauses[(where, "")] = ["unknown key (check the spelling; see config/laptop.yaml "
+                                    "for every key)"]
+            continue
+        value = error.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "a mapping"
+        clauses.setdefault((_key(error["loc"]), shown), []).append(error["msg"])
+    return "; ".join(f"{where}: {shown} is not allowed: {' or '.join(messages)}" if shown
+                     else f"{where}: {messages[0]}"
+                     for (where, shown), messages in clauses.items())
 
 
 def from_dict(data: dict[str, Any] | None, env: dict[str, str] | None = None) -> Config:
@@ -241,8 +266,7 @@ def from_dict(data: dict[str, Any] | None, env: dict[str, str] | None = None) ->
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
-        raise ConfigError(problems) from None
+        raise ConfigError(_describe(exc.errors())) from None
 
 
 def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Config:

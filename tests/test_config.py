@@ -48,7 +48,9 @@ def test_missing_env_var_is_named():
     ({"wrker": {}}, "wrker: unknown key"),
     ({"worker": {"num_cpus": 0}}, "worker.num_cpus: 0 is not allowed"),
     ({"engine": {"dtype": "int3"}}, "engine.dtype: 'int3' is not allowed"),
-    ({"engine": {"prepack_weights": "blas"}}, "'blas' is not allowed: Input should be 'mkl' or 'onednn'"),
+    # A value that fits none of a field's types: one clause naming the key, every type's rule.
+    ({"engine": {"prepack_weights": "blas"}}, "engine.prepack_weights: 'blas' is not allowed: Input "
+     "should be a valid boolean, unable to interpret input or Input should be 'mkl' or 'onednn'"),
     ({"head": {"gateway_port": 70000}}, "head.gateway_port: 70000"),
     ({"worker": {"models": []}}, "worker.models"),
     ({"worker": {"num_gpus": -1}}, "worker.num_gpus"),
