@@ -31,6 +31,8 @@ class _Section(BaseModel):
 _PORT = {"ge": 0, "le": 65535}
 # engine.int4_max_rows: a row count, or auto.
 Int4MaxRows = Annotated[int, Field(ge=0, le=4096)] | Literal["auto"]
+# engine.pack_arrivals: the running requests from which arrivals are packed, or always/never.
+PackArrivals = Annotated[int, Field(ge=1, le=4096)] | bool
 
 
 class RayPorts(_Section):
@@ -108,11 +110,12 @@ class EngineConfig(_Section):
     cuda_graphs: bool = True
     # Hand out a decode step's tokens while the next step runs (default: on GPUs only).
     overlap_steps: bool | None = None
-    # A request that arrives while a batch runs is prefilled inside the batch's next decode
-    # step, not in a forward pass of its own (CPU workers, models that run SDPA through
-    # transformers' attention interface). More tokens per second at large batches, a later first
-    # token (docs/engine.md), so off by default.
-    pack_arrivals: bool = False
+    # Once this many requests are running, one that arrives is prefilled inside the batch's next
+    # decode step, not in a forward pass of its own (CPU workers, models that run SDPA through
+    # transformers' attention interface): more tokens per second under load, a later first
+    # token (docs/engine.md). Smaller batches keep admission between layers. true: at any batch
+    # size; false: never.
+    pack_arrivals: PackArrivals = 32
     # Where arrivals are not packed: one that arrives during a decode step is prefilled at the
     # next layer boundary, not after the step (eager steps only).
     admit_between_layers: bool = True

@@ -54,12 +54,21 @@ def test_missing_env_var_is_named():
     ({"head": {"gateway_port": 70000}}, "head.gateway_port: 70000"),
     ({"worker": {"models": []}}, "worker.models"),
     ({"worker": {"num_gpus": -1}}, "worker.num_gpus"),
+    ({"engine": {"pack_arrivals": -2}}, "engine.pack_arrivals: -2 is not allowed"),
+    ({"engine": {"pack_arrivals": "often"}}, "engine.pack_arrivals: 'often' is not allowed"),
 ])
 def test_bad_values_name_key_value_and_rule(data, needle):
     with pytest.raises(config.ConfigError) as info:
         config.from_dict(data, env={})
     assert needle in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("value", "parsed"), [(32, 32), ("8", 8), (True, True), ("false", False),
+                                               (0, False)])
+def test_pack_arrivals_takes_a_row_count_or_always_or_never(value, parsed):
+    engine = config.from_dict({"engine": {"pack_arrivals": value}}, env={}).engine
+    assert engine.pack_arrivals == parsed and type(engine.pack_arrivals) is type(parsed)
 
 
 def test_file_errors_are_one_line(tmp_path):

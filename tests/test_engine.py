@@ -310,6 +310,59 @@ def test_arrivals_are_prefilled_inside_the_running_batchs_decode_step(model_dir,
     assert loaded.model.config._attn_implementation == "sdpa"
 
 
+def test_arrivals_are_packed_only_once_the_batch_runs_enough_rows(model_dir):
+    """pack_arrivals: 2. An arrival beside one running request gets a prefill of its own (at a
+    layer boundary or at the step's start); the next, beside two, rides in a decode step."""
+    loaded, engine = load(model_dir, "tiny-llama", sharpen=True, pack_arrivals=2)
+    assert engine.describe()["pack_arrivals"] == 2
+    engine._eos = set()
+    prompts = [("hello world", 200), ("red blue green", 150), ("what is the capital", 6)]
+    streams, answers = [], []
+    for prompt, n in prompts:  # one at a time: each has its first token before the next
+        stream = engine.submit(GenerationRequest(prompt=prompt, temperature=0, max_tokens=n))
+        streams.append(stream)
+        answers.append(list(next(iter(stream)).token_ids))
+        assert engine.stats.packed_arrivals == (1 if len(streams) == 3 else 0)
+    for (prompt, n), stream, start in zip(prompts, streams, answers, strict=True):
+        assert start + [t for c in stream for t in c.token_ids] == reference(loaded, prompt, n), \
+            prompt
+    assert engine.stats.packed_arrivals == 1
+    engine.shutdown()
+
+
+@pytest.mark.parametrize(("layer", "joins"), [(0, True), (-1, False)],
+                         ids=["first-half-joins", "last-layer-waits"])
+def test_an_arrival_during_a_steps_first_layers_joins_that_step(model_dir, layer, joins):
+    """A lean packed step (tiny Llama, two layers): a request that arrives after its first
+    layer runs that layer alone and the second inside the step; one that arrives after the
+    last layer is packed into the next step. Both answers stay generate's."""
+    loaded, engine = load(model_dir, "tiny-llama", sharpen=True, pack_arrivals=True)
+    engine._eos = set()
+    late: list = []
+    before: list[int] = []  # packed and joined arrivals until then (the first two may be)
+
+    def arrive(module, args, output):
+        if not late and engine.stats.steps >= 12:  # the prefill and 11 decode steps done
+            before.extend([engine.stats.packed_arrivals, engine.stats.joined_midstep])
+            late.append(engine.submit(GenerationRequest(prompt="red blue green", temperature=0,
+                                                        max_tokens=6)))
+
+    hook = causal._decoder_layers(loaded.model)[layer].register_forward_hook(arrive)
+    # A short request beside the first leaves a slot free: joining never grows the cache.
+    short = engine.submit(GenerationRequest(prompt="of france", temperature=0, max_tokens=3))
+    first = run(engine, prompt="hello world", temperature=0, max_tokens=40)
+    hook.remove()
+    chunks = list(late[0])
+    assert [t for c in short for t in c.token_ids] == reference(loaded, "of france", 3)
+    assert [t for c in first for t in c.token_ids] == reference(loaded, "hello world", 40)
+    assert [t for c in chunks for t in c.token_ids] == reference(loaded, "red blue green", 6)
+    assert engine.stats.packed_arrivals - before[0] == 1
+    assert engine.stats.joined_midstep - before[1] == (1 if joins else 0)
+    # Its first token came out of the step it arrived in, or out of the next one.
+    assert chunks[0].batch_size == 2
+    engine.shutdown()
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_prompts_that_start_alike_are_prefilled_from_the_prefix_cache(model_dir, name):
     loaded, engine = load(model_dir, name, sharpen=True)

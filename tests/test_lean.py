@@ -59,12 +59,50 @@ def test_a_lean_step_gives_the_models_own_logits_and_cache(tiny_llama, dtype, pr
     with torch.inference_mode():
         expected = model_logits(model, theirs, plan, ids, positions)
         got = lean.LeanDecoder(model).forward(
-            ids, positions, packing.packed_cache(kv.keys, kv.values, plan), plan,
-            plan.keep(ids.device))
+            ids, positions, packing.packed_cache(kv.keys, kv.values, plan), plan)
     assert got.shape == (3 + 1, model.config.vocab_size)
     assert torch.equal(got, expected)
     for mine, other in zip(kv.keys + kv.values, theirs.keys + theirs.values, strict=True):
         assert torch.equal(mine, other)  # the step's K/V written to the same columns
+
+
+@pytest.mark.parametrize("prefix", [0, 3], ids=["whole-prompt", "after-a-cached-prefix"])
+def test_an_arrival_that_joins_after_the_first_layer_gets_the_same_logits_and_cache(tiny_llama,
+                                                                                  prefix):
+    """The step of packed_step, its arrival packed from the start, against the same step whose
+    arrival joins after layer 0 (`join`: its prompt runs that layer alone, prefill_layers)."""
+    model = loader.load(registry.resolve(tiny_llama), "float32").model
+    packing.enable(model)
+    kv, plan, ids, positions = packed_step(model, rows=3, prompt=4, prefix=prefix)
+    joined = SlotKV(len(kv.keys), *kv.shape, kv.dtype, kv.device, kv.slots, kv.columns, 64)
+    for mine, other in zip(kv.keys + kv.values, joined.keys + joined.values, strict=True):
+        other.copy_(mine)
+    decoder = lean.LeanDecoder(model)
+    arrival, rows = plan.arrivals[0], plan.rows
+    late = packing.PackedPlan(rows, plan.first, plan.column, plan.mask, [])
+    calls = []
+
+    def join(done):
+        calls.append(done)
+        if done != 1:
+            return None
+        alone = packing.PackedPlan(0, plan.column, plan.column, None, [arrival])
+        hidden = decoder.prefill_layers(
+            ids[rows:], positions[rows:],
+            packing.packed_cache(joined.keys, joined.values, alone), alone, 1)
+        late.arrivals.append(arrival)
+        return hidden, positions[rows:]
+
+    with torch.inference_mode():
+        expected = decoder.forward(ids, positions, packing.packed_cache(kv.keys, kv.values, plan),
+                                   plan)
+        got = decoder.forward(ids[:rows], positions[:rows],
+                              packing.packed_cache(joined.keys, joined.values, late), late, join)
+    assert calls == list(range(1, model.config.num_hidden_layers))
+    assert got.shape == expected.shape == (rows + 1, model.config.vocab_size)
+    torch.testing.assert_close(got, expected)
+    for mine, other in zip(kv.keys + kv.values, joined.keys + joined.values, strict=True):
+        torch.testing.assert_close(mine, other)
 
 
 def test_forward_hooks_on_decoder_layers_still_run(tiny_llama):

@@ -158,6 +158,7 @@ class EngineStats:
     admitted_between_layers: int = 0  # requests prefilled in the middle of a decode step
     prefix_tokens: int = 0  # prompt tokens not prefilled: their K/V came from the prefix cache
     packed_arrivals: int = 0  # requests prefilled inside a decode step (packing.py)
+    joined_midstep: int = 0  # of those, requests that joined a step already running
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,6 +166,7 @@ class EngineStats:
                 "max_batch": self.max_batch, "kv_bytes_peak": self.kv_bytes_peak,
                 "admitted_between_layers": self.admitted_between_layers,
                 "prefix_tokens": self.prefix_tokens, "packed_arrivals": self.packed_arrivals,
+                "joined_midstep": self.joined_midstep,
                 "batch_sizes": dict(self.batch_sizes)}
 
 

@@ -9,6 +9,8 @@ share every forward pass. On a GPU the decode step is replayed as a CUDA graph (
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import logging
 import time
@@ -29,6 +31,9 @@ from ray_inference.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 _GREEDY = SamplingParams(temperature=0.0)
+# Where arrivals are packed, one that comes while a lean step runs its first half of layers
+# joins that step (its prompt runs those layers alone); a later one waits for the next step.
+JOIN_WITHIN = 0.5
 
 
 @dataclass
@@ -104,14 +109,14 @@ class CausalEngine(Engine):
         self._lean = (lean.LeanDecoder(self._model)
                       if config.lean_decode and self._packed_steps and lean.supported(self._model)
                       else None)
-        # Arrivals ride in the running batch's next decode step.
-        self._packing = config.pack_arrivals and self._packed_steps
+        # Arrivals ride in the running batch's next decode step once it runs this many rows.
+        self._pack_from = _pack_from(config.pack_arrivals) if self._packed_steps else None
         # Otherwise arrivals during an eager decode step are prefilled at the next layer
         # boundary (at most once per step) and join the batch when the step ends.
         self._layer_hooks = []
         self._armed = False
         self._prefilled_midstep: _Prefilled | None = None
-        if config.admit_between_layers and not self._overlap and not self._packing:
+        if config.admit_between_layers and not self._overlap and self._pack_from != 1:
             self._layer_hooks = [layer.register_forward_hook(self._layer_done)
                                  for layer in _decoder_layers(self._model)]
         # A row never spans more columns than its prompt plus its new tokens.
@@ -191,7 +196,7 @@ class CausalEngine(Engine):
         info = {"kv_bytes": self._kv.nbytes if self._kv else 0,
                 "cuda_graphs": self._graphs is not None, "grouped_query_steps": self._grouped_query,
                 "packed_steps": self._packed_steps, "lean_decode": self._lean is not None,
-                "pack_arrivals": self._packing,
+                "pack_arrivals": {None: False, 1: True}.get(self._pack_from, self._pack_from),
                 "prepacked_linears": self._prepacked,
                 "prepack_kernel": self._prepack_kernel,
                 "int8_linears": self._quantized,
@@ -209,7 +214,7 @@ class CausalEngine(Engine):
         joining: list[Pending] = []
         if admitted:
             self._settle_launched()
-            if self._packing and self._live():
+            if self._packs_arrivals():
                 joining = self._within_prefill_budget(admitted)
             else:
                 prefilled = self._prefill(admitted)
@@ -223,6 +228,10 @@ class CausalEngine(Engine):
             self._place(prefilled)
         self._compact()
 
+    def _packs_arrivals(self) -> bool:
+        """Whether requests admitted now ride in the batch's next decode step."""
+        return self._pack_from is not None and len(self._live()) >= self._pack_from
+
     def _admissible(self) -> list[Pending]:
         """Waiting requests that fit the batch's free rows and token budget."""
         live = self._live()
@@ -234,8 +243,8 @@ class CausalEngine(Engine):
         """Forward hook of every decoder layer. On a CPU a decode step takes 40-100 ms; a
         request that arrives meanwhile is prefilled here (the step's later layers wait) and its
         first token goes out at once, instead of after the rest of the step."""
-        if not (self._armed and self._waiting):
-            return
+        if not (self._armed and self._waiting) or self._packs_arrivals():
+            return  # a batch this large packs the arrival into its next step instead
         self._armed = False  # the prefill's own forward passes these hooks too
         admitted = self._admissible()
         if not admitted:
@@ -446,7 +455,6 @@ class CausalEngine(Engine):
             self._kv.valid[:rows, self._column] = True
             end = self._column + 1
             mask = self._kv.attention_mask(rows, first, end, self._kv_dtype)
-            arrivals = [(slot, row) for slot, row, _, _ in seated]
             self._armed = bool(self._layer_hooks)
             try:
                 if self._packed_steps:
@@ -457,6 +465,7 @@ class CausalEngine(Engine):
                                            self._kv.view(rows, first, end, self._column))
             finally:
                 self._armed = False
+            arrivals = [(slot, row) for slot, row, _, _ in seated]  # with any that joined
         self._column += 1
         count = len(batch)
         tokens = sample(logits[:count + len(arrivals)],
@@ -516,8 +525,31 @@ class CausalEngine(Engine):
 
     def _packed_forward(self, rows: int, first: int, mask: torch.Tensor, seated) -> torch.Tensor:
         """The decode step of `rows` slots, with the seated requests' prompts (if any) packed
-        in: logits of every slot, then of each arrival's last prompt token."""
-        arrivals, ids, positions, offset = [], [], [], 0
+        in: logits of every slot, then of each arrival's last prompt token. On the lean path
+        requests that arrive during the step's first layers join it (`_join_midstep`)."""
+        plan = packing.PackedPlan(rows, first, self._column, mask, [])
+        ids, positions = self._pack(plan, seated)
+        ids = torch.cat([self._last[:rows], ids])
+        positions = torch.cat([self._positions[:rows], positions])
+        cache = packing.packed_cache(self._kv.keys, self._kv.values, plan)
+        if self._lean is not None:
+            join = (functools.partial(self._join_midstep, plan, seated)
+                    if self._pack_from is not None else None)
+            return self._lean.forward(ids, positions, cache, plan, join)
+        keep = plan.keep(self._device)
+        extra = {self._cache_arg: cache, packing.PLAN: plan}
+        if self._keep_last_logits:
+            extra["logits_to_keep"] = keep
+        # A 4D mask makes transformers skip building its own; packed attention ignores it.
+        out = self._model(input_ids=ids[None], attention_mask=mask[:1, :, :, :1],
+                          position_ids=positions[None], use_cache=True, **extra)
+        return out.logits[0] if self._keep_last_logits else out.logits[0, keep]
+
+    def _pack(self, plan: packing.PackedPlan, seated) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the seated requests to `plan` as arrivals, after those it has (their cached
+        prefixes copied into their slots): the token ids and positions they add to the step."""
+        ids, positions = [], []
+        offset = sum(arrival.length for arrival in plan.arrivals)
         for slot, row, sequence, hit in seated:  # seated: columns no longer move this step
             skip = hit[0] if hit else 0
             if hit:
@@ -529,27 +561,50 @@ class CausalEngine(Engine):
             self._kv.valid[slot, row.start:self._column + 1] = True
             self.stats.prefix_tokens += skip
             new = sequence[skip:]
-            arrivals.append(packing.Arrival(slot, offset, len(new), row.start,
-                                            packing.arrival_mask(skip, len(new), self._device)))
+            plan.arrivals.append(packing.Arrival(
+                slot, offset, len(new), row.start,
+                packing.arrival_mask(skip, len(new), self._device)))
             ids += new
             positions += range(skip, len(sequence))
             offset += len(new)
-        plan = packing.PackedPlan(rows, first, self._column, mask, arrivals)
-        ids = torch.cat([self._last[:rows],
-                         torch.tensor(ids, dtype=torch.long, device=self._device)])
-        positions = torch.cat([self._positions[:rows],
-                               torch.tensor(positions, dtype=torch.long, device=self._device)])
-        keep = plan.keep(self._device)
-        cache = packing.packed_cache(self._kv.keys, self._kv.values, plan)
-        if self._lean is not None:
-            return self._lean.forward(ids, positions, cache, plan, keep if arrivals else None)
-        extra = {self._cache_arg: cache, packing.PLAN: plan}
-        if self._keep_last_logits:
-            extra["logits_to_keep"] = keep
-        # A 4D mask makes transformers skip building its own; packed attention ignores it.
-        out = self._model(input_ids=ids[None], attention_mask=mask[:1, :, :, :1],
-                          position_ids=positions[None], use_cache=True, **extra)
-        return out.logits[0] if self._keep_last_logits else out.logits[0, keep]
+        return (torch.tensor(ids, dtype=torch.long, device=self._device),
+                torch.tensor(positions, dtype=torch.long, device=self._device))
+
+    def _join_midstep(self, plan: packing.PackedPlan, seated: list,
+                      done: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Between layers of a lean packed step: requests that arrived while it runs its first
+        half of layers are seated now, their prompts run those `done` layers alone, and they
+        ride the rest of the step, first token included. Later arrivals, and those that would
+        need the cache to grow or its columns to move, wait for the next step."""
+        if (not self._waiting or done > len(self._kv.keys) * JOIN_WITHIN
+                or not self._packs_arrivals()):
+            return None
+        joining, later = [], []
+        for pending in self._within_prefill_budget(self._admissible()):
+            seatable = (len(pending.prompt_ids) + len(pending.request.resume_ids)
+                        <= self._column + 1 and self._has_free_slot())
+            if seatable:
+                joining.append(self._seat(pending))
+            else:
+                later.append(pending)
+        if later:
+            self._requeue(later)
+        if not joining:
+            return None
+        alone = packing.PackedPlan(0, plan.column, plan.column, None, [])
+        ids, positions = self._pack(alone, joining)
+        hidden = self._lean.prefill_layers(
+            ids, positions, packing.packed_cache(self._kv.keys, self._kv.values, alone), alone,
+            done)
+        base = sum(arrival.length for arrival in plan.arrivals)
+        plan.arrivals += [dataclasses.replace(a, offset=base + a.offset) for a in alone.arrivals]
+        seated += joining
+        self.stats.joined_midstep += len(joining)
+        return hidden, positions
+
+    def _has_free_slot(self) -> bool:
+        """A slot for one more row without growing the cache."""
+        return None in self._rows or len(self._rows) < self._kv.slots
 
     def _joined(self, seated, tokens: torch.Tensor) -> None:
         """Packed arrivals continue from their first token; full prompts teach the prefix
@@ -677,6 +732,13 @@ class CausalEngine(Engine):
         self._launched = None  # only rows that already left can still be in it
         if self._graphs is None:  # CPU memory goes back; a GPU keeps its buffers and graphs
             self._kv = self._positions = self._last = None
+
+
+def _pack_from(setting: int | bool) -> int | None:
+    """engine.pack_arrivals as the running rows from which arrivals are packed (None: never)."""
+    if setting is True:
+        return 1
+    return setting or None
 
 
 def cache_keyword(model: torch.nn.Module) -> str:

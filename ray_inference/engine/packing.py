@@ -49,7 +49,7 @@ class PackedPlan:
     rows: int  # batch slots [0, rows) decode one token each
     first: int  # the batch rows' first column
     column: int  # the column this step writes
-    mask: torch.Tensor  # the batch rows' additive (rows, 1, 1, column + 1 - first) mask
+    mask: torch.Tensor | None  # the batch rows' additive (rows, 1, 1, column + 1 - first) mask
     arrivals: list[Arrival]
 
     def keep(self, device: torch.device) -> torch.Tensor:
@@ -109,9 +109,11 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     # query: (1, heads, rows + new tokens, dim); key/value: the layer's whole SlotKV buffers.
     query = query[0]
     rows, end = plan.rows, plan.column + 1
-    batch = query[:, :rows].transpose(0, 1).unsqueeze(2)
-    outputs = [decode_attention(batch, key[:rows, :, plan.first:end],
-                                value[:rows, :, plan.first:end], plan.mask, scaling)[:, 0]]
+    outputs = []
+    if rows:  # none where arrivals run a step's first layers alone (lean.py)
+        batch = query[:, :rows].transpose(0, 1).unsqueeze(2)
+        outputs.append(decode_attention(batch, key[:rows, :, plan.first:end],
+                                        value[:rows, :, plan.first:end], plan.mask, scaling)[:, 0])
     for arrival in plan.arrivals:
         start = rows + arrival.offset
         mine = query[:, start:start + arrival.length].unsqueeze(0).to(key.dtype)
