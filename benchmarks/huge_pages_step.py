@@ -14,21 +14,20 @@ the median milliseconds and their ratio, after checking that the logits are equa
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 
 import torch
+from step_timing import RandomStep, alternating_medians
 
 from ray_inference.config import EngineConfig
-from ray_inference.engine import create_engine, lean, packing
-from ray_inference.engine.kv import SlotKV
+from ray_inference.engine import create_engine, lean
 from ray_inference.models import loader, registry
 
-FIRST, COLUMN, CALLS = 10, 120, 3
+CALLS = 3
 
 
-def step(decoder, kv: SlotKV, ids, positions, plan) -> torch.Tensor:
-    return decoder.forward(ids, positions, packing.packed_cache(kv.keys, kv.values, plan), plan)
+def step(decoder, random: RandomStep) -> torch.Tensor:
+    return decoder.forward(random.ids, random.positions, random.cache(), random.plan)
 
 
 def huge_mib() -> int:
@@ -49,34 +48,20 @@ def main() -> None:
         ways[name] = (lean.LeanDecoder(loaded.model), huge)
         print(f"{name}: collapsed {engines[-1].huge_page_bytes >> 20} MiB; the process holds "
               f"{huge_mib()} MiB in huge pages", flush=True)
-    config, dtype = loaded.model.config, loaded.dtype
-    head_dim = loaded.model.model.layers[0].self_attn.head_dim
     for rows in (1, 64):
-        caches = {name: SlotKV(config.num_hidden_layers, config.num_key_value_heads, head_dim,
-                               dtype, torch.device("cpu"), 64, 256, 2048, huge)
-                  for name, (_, huge) in ways.items()}
-        first, second = caches.values()
-        for mine, other in zip(first.keys + first.values, second.keys + second.values,
-                               strict=True):
-            other.copy_(mine.normal_())
-        for kv in caches.values():
-            kv.valid[:rows, FIRST:COLUMN + 1] = True
-        plan = packing.PackedPlan(rows, FIRST, COLUMN,
-                                  first.attention_mask(rows, FIRST, COLUMN + 1, dtype), [])
-        ids = torch.randint(0, config.vocab_size, (rows,))
-        positions = torch.full((rows,), 110)
-
-        times: dict[str, list[float]] = {name: [] for name in ways}
+        steps = {}
+        for name, (_, huge) in ways.items():
+            torch.manual_seed(rows)
+            steps[name] = RandomStep.make(loaded.model, rows, huge)
+        first, second = steps.values()
+        first.copy_values_to(second)
         with torch.inference_mode():
-            assert torch.equal(*(step(ways[name][0], caches[name], ids, positions, plan)
-                                 for name in ways)), "the logits differ"
-            for round_ in range(args.rounds):
-                for name in sorted(ways, reverse=round_ % 2 == 1):
-                    start = time.perf_counter()
-                    for _ in range(CALLS):
-                        step(ways[name][0], caches[name], ids, positions, plan)
-                    times[name].append((time.perf_counter() - start) / CALLS * 1000)
-        huge_ms, small_ms = (statistics.median(times[name]) for name in ways)
+            assert torch.equal(*(step(ways[name][0], steps[name]) for name in ways)), \
+                "the logits differ"
+            medians = alternating_medians(
+                {name: functools.partial(step, ways[name][0], steps[name]) for name in ways},
+                args.rounds, CALLS)
+        huge_ms, small_ms = medians.values()
         print(f"{rows:2d} rows: huge pages {huge_ms:6.1f} ms, 4 KB pages {small_ms:6.1f} ms, "
               f"{huge_ms / small_ms:.2f}x (logits equal)", flush=True)
     for engine in engines:

@@ -69,19 +69,27 @@ def decode_step_inputs():
     return query, key, value, valid
 
 
-def test_decode_attention_equals_attention_over_repeated_heads():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-folded"])
+def test_decode_attention_equals_attention_over_repeated_heads(dtype):
     """Decode steps' grouped-query attention computes what SDPA computes over K/V copied once
-    per query head (transformers' path), masked columns included."""
+    per query head (transformers' path), masked columns included; in bf16 on a CPU with each
+    K/V head's query heads folded into the query length. The query comes as packed_attention
+    hands it over: a transposed view of the step's queries."""
     from ray_inference.engine.packing import decode_attention
 
     query, key, value, valid = decode_step_inputs()
-    mask = (~valid)[:, None, None, :].float() * torch.finfo(torch.float32).min
+    query = query[:, :, 0].transpose(0, 1).contiguous().transpose(0, 1).unsqueeze(2)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    mask = (~valid)[:, None, None, :].to(dtype) * torch.finfo(dtype).min
     group = query.shape[1] // key.shape[1]
     expected = torch.nn.functional.scaled_dot_product_attention(
-        query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1),
-        attn_mask=mask, scale=0.3).transpose(1, 2)
+        query.float(), key.float().repeat_interleave(group, 1),
+        value.float().repeat_interleave(group, 1), attn_mask=mask.float(),
+        scale=0.3).transpose(1, 2)
     out = decode_attention(query, key, value, mask, 0.3)
-    torch.testing.assert_close(out, expected)
+    assert out.dtype == dtype and not query.is_contiguous()
+    tolerance = {} if dtype == torch.float32 else {"atol": 0.02, "rtol": 0.02}
+    torch.testing.assert_close(out.float(), expected, **tolerance)
     # A column the mask hides does not count: changing it changes nothing.
     hidden = (~valid).nonzero()[0]
     value[hidden[0], :, hidden[1]] += 100.0
