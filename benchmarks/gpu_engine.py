@@ -189,7 +189,7 @@ async def _drive(engine, prompts, lengths, sampling):
 # tests/test_bench.py checks that this stays in step with ray_inference/config.py).
 ENGINE_DEFAULTS = dict(dtype="auto", max_batch_size=64, max_queue=256, max_tokens_in_flight=65_536,
                        default_max_tokens=128, torch_threads=None, max_prefill_tokens=4096,
-                       cuda_graphs=True, overlap_steps=None, pack_arrivals=False,
+                       cuda_graphs=True, overlap_steps=None, pack_arrivals=32,
                        admit_between_layers=True, lean_decode=True, prefix_cache=True,
                        prepack_weights=True,
                        quantize="none", int4_max_rows="auto", kv_cache_dtype="auto",
