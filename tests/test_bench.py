@@ -25,10 +25,13 @@ def test_offline_bench_compares_variants_side_by_side(tmp_path):
 
     rows = run([2], min_tokens=3, max_tokens=5, sequential=1, seed=1, out=out, echo=lines.append,
                requests_per_client=3, progress=progress)
-    assert bars == {"a": [1, 1], "c1": [1, 1], "b2": [6, 6], "c2": [6, 6]}
+    # Each variant's work runs twice: untimed, then timed.
+    assert bars == {name: [count, count] for step, count in
+                    (("a", 1), ("c1", 1), ("b2", 6), ("c2", 6))
+                    for name in (f"{step} warm-up", step)}
     assert [(r.variant[0], r.concurrency) for r in rows] == [("a", 1), ("c", 1), ("b", 2),
                                                                ("c", 2)]
-    assert all(r.tokens > 0 and r.tok_s > 0 for r in rows)
+    assert all(r.tokens > 0 and r.tok_s > 0 and r.first_pass_tok_s > 0 for r in rows)
     assert rows[2].tokens == rows[3].tokens  # the same work through (b) and (c)
     assert rows[2].requests == rows[3].requests == 6  # 2 clients x 3 requests, 3 batches of 2
     saved = json.loads(out.read_text())
@@ -40,7 +43,7 @@ def test_offline_bench_compares_variants_side_by_side(tmp_path):
     # single-client TTFT of the same variant.
     assert rows[3].ttft_p50_s > 0 and rows[3].ttft_steady_p50_s > 0
     line = next(line for line in lines if "engine, 2 clients" in line).split()
-    assert float(line[-4]) > 0 and float(line[-2]) > 0
+    assert float(line[-5]) > 0 and float(line[-3]) > 0 and float(line[-1]) > 0
     # The engine's rows carry req/s and p50 <= p90 <= p99 of TTFT, inter-token latency and end
     # to end, in the JSON and in a second table.
     for row in saved["rows"]:

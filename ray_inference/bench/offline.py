@@ -44,6 +44,9 @@ class Row:
     latency: dict | None = None
     # What the first few failed requests said.
     error_samples: list[str] = field(default_factory=list)
+    # The same work's untimed first pass (`warm_up`): it met a cold process (heaps not yet
+    # grown, kernels not yet chosen for its shapes).
+    first_pass_tok_s: float | None = None
 
     @classmethod
     def from_load(cls, variant: str, result: LoadResult) -> Row:
@@ -202,11 +205,11 @@ def _seconds(value: float | None) -> str:
 def table(rows: list[Row], echo: Callable[[str], None]) -> None:
     """Ratios: tok/s against (a) and against (b) of the same size; p50 TTFT against the same
     variant's single-client p50 TTFT, for all requests and for the steady state (without each
-    client's first request, which all arrive at once)."""
+    client's first request, which all arrive at once); last, the untimed first pass's tok/s."""
     base_a = next((r.tok_s for r in rows if r.variant.startswith("a")), None)
     width = max([40, *(len(r.variant) for r in rows)])
     echo(f"\n{'variant':<{width}} {'tok/s':>8} {'x (a)':>7} {'x (b)':>7} {'TTFT p50':>9} "
-         f"{'x 1':>5} {'steady':>7} {'x 1':>5} {'errors':>6}")
+         f"{'x 1':>5} {'steady':>7} {'x 1':>5} {'errors':>6} {'1st pass':>8}")
     for row in rows:
         same_b = next((r.tok_s for r in rows if r.variant.startswith("b")
                        and r.concurrency == row.concurrency), None)
@@ -215,9 +218,10 @@ def table(rows: list[Row], echo: Callable[[str], None]) -> None:
         ratio_b = f"{row.tok_s / same_b:.2f}" if same_b else "-"
         ratios = [f"{value / single:.2f}" if single and value is not None else "-"
                   for value in (row.ttft_p50_s, row.ttft_steady_p50_s)]
+        first_pass = f"{row.first_pass_tok_s:.1f}" if row.first_pass_tok_s is not None else "-"
         echo(f"{row.variant:<{width}} {row.tok_s:>8.1f} {ratio_a:>7} {ratio_b:>7} "
              f"{_seconds(row.ttft_p50_s):>9} {ratios[0]:>5} {_seconds(row.ttft_steady_p50_s):>7} "
-             f"{ratios[1]:>5} {row.errors:>6}")
+             f"{ratios[1]:>5} {row.errors:>6} {first_pass:>8}")
     latency_table([r for r in rows if r.latency], echo, width)
     for row in rows:
         if row.errors:
@@ -290,8 +294,10 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
         progress: Callable[[str, int], Tick] | None = None, hf_cb: bool = False,
         requests_per_client: int = 2, engine_settings: dict | None = None,
         prompt_tokens: tuple[int, int] | None = None, http_only: bool = False,
-        sampling: Sampling | None = None) -> list[Row]:
-    """`engine_settings`: EngineConfig fields for (c) (quantize, kv_cache_dtype);
+        sampling: Sampling | None = None, warm_up: bool = True) -> list[Row]:
+    """`warm_up`: every variant runs its work once untimed before the timed pass, as a server
+    that has been up a while has (its tok/s goes in the row as `first_pass_tok_s`);
+    `engine_settings`: EngineConfig fields for (c) (quantize, kv_cache_dtype);
     `prompt_tokens`: the range of prompt lengths (None: the bare questions); `sampling`: how
     every variant picks its tokens (None: greedy); `http_only`: only (d), the load generator
     against `url`, with no model loaded here (SmolLM2's tokenizer still draws and counts the
@@ -330,15 +336,19 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
     local = None if http_only else (loaded, spec, engine_settings, hf_cb)
     gateway = (url, model, api_key) if url else None
     steps = _steps(work, concurrency, sequential, requests_per_client, local, gateway)
-    rows = [step(progress(name, count) if progress else _no_tick)
-            for name, count, step in steps]
+    rows = []
+    for name, count, step in steps:
+        first = step(progress(f"{name} warm-up", count) if progress else _no_tick) \
+            if warm_up else None
+        rows.append(step(progress(name, count) if progress else _no_tick))
+        rows[-1].first_pass_tok_s = first.tok_s if first else None
     table(rows, echo)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({
             **header, "min_tokens": min_tokens, "max_tokens": max_tokens,
             "prompt_tokens": [min(prompt_lengths), max(prompt_lengths)],
-            "seed": seed, "requests_per_client": requests_per_client,
+            "seed": seed, "requests_per_client": requests_per_client, "warm_up": warm_up,
             "sampling": work.sampling.request_fields(),
             "engine_settings": None if http_only else engine_settings,
             "rows": [r.to_dict() for r in rows]}, indent=2))

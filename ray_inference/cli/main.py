@@ -480,6 +480,10 @@ def _progress_bar(variant: str, requests: int):
               help="Requests each client of (c) and (d) sends, one after another; (b) runs "
                    "as many batches.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--warm-up/--no-warm-up", default=True, show_default=True,
+              help="Run each variant's work once untimed before timing it, as a process that "
+                   "has served a while would have (the table's last column: that first pass's "
+                   "tok/s).")
 @click.option("--gateway", "gateway_url", default=None, metavar="URL",
               help="Also run (d): the same load through this gateway (the full stack).")
 @click.option("--http-only", is_flag=True,
@@ -503,7 +507,7 @@ def _progress_bar(variant: str, requests: int):
 def bench(ctx: click.Context, concurrency: tuple[int, ...], answer_tokens: tuple[int, int],
           prompt_tokens: tuple[int, int] | None, sampling: Sampling, sequential: int,
           requests_per_client: int,
-          seed: int, gateway_url: str | None, http_only: bool, model: str, hf_continuous: bool,
+          seed: int, warm_up: bool, gateway_url: str | None, http_only: bool, model: str, hf_continuous: bool,
           quantize: str, kv_cache_dtype: str, out: str | None) -> None:
     """Benchmark SmolLM2 side by side in one run: HF one at a time (a), HF static batches (b),
     the rayinfer engine (c) and, with --gateway, the full stack over HTTP (d); prints tok/s,
@@ -533,7 +537,7 @@ def bench(ctx: click.Context, concurrency: tuple[int, ...], answer_tokens: tuple
         api_key, Path(out) if out else None, echo=click.echo, progress=_progress_bar,
         hf_cb=hf_continuous, requests_per_client=requests_per_client,
         engine_settings={"quantize": quantize, "kv_cache_dtype": kv_cache_dtype},
-        prompt_tokens=prompt_tokens, http_only=http_only, sampling=sampling)
+        prompt_tokens=prompt_tokens, http_only=http_only, sampling=sampling, warm_up=warm_up)
 
 
 def _check_gateway(url: str, source: str, api_key: str | None, model: str) -> None:
