@@ -338,12 +338,16 @@ def test_arrivals_are_packed_only_once_the_batch_runs_enough_rows(model_dir):
     engine.shutdown()
 
 
-@pytest.mark.parametrize(("layer", "joins"), [(0, True), (-1, False)],
-                         ids=["first-half-joins", "last-layer-waits"])
-def test_an_arrival_during_a_steps_first_layers_joins_that_step(model_dir, layer, joins):
+@pytest.mark.parametrize(("layer", "within", "joins"), [(0, 0.5, True), (0, 0.4, False),
+                                                       (-1, 0.5, False)],
+                         ids=["first-half-joins", "past-the-window-waits", "last-layer-waits"])
+def test_an_arrival_during_a_steps_first_layers_joins_that_step(model_dir, monkeypatch, layer,
+                                                                within, joins):
     """A lean packed step (tiny Llama, two layers): a request that arrives after its first
     layer runs that layer alone and the second inside the step; one that arrives after the
-    last layer is packed into the next step. Both answers stay generate's."""
+    last layer, or after more layers than JOIN_WITHIN of them, is packed into the next step.
+    Every answer stays generate's."""
+    monkeypatch.setattr(causal, "JOIN_WITHIN", within)
     loaded, engine = load(model_dir, "tiny-llama", sharpen=True, pack_arrivals=True)
     engine._eos = set()
     late: list = []

@@ -144,8 +144,13 @@ class Pending:
     started_at: float = 0.0
 
     @property
+    def sequence(self) -> list[int]:
+        """The tokens its row's K/V start from: the prompt, then any answer being resumed."""
+        return self.prompt_ids + self.request.resume_ids
+
+    @property
     def budget(self) -> int:
-        return len(self.prompt_ids) + len(self.request.resume_ids) + self.max_new
+        return len(self.sequence) + self.max_new
 
 
 @dataclass

@@ -196,7 +196,7 @@ class CausalEngine(Engine):
         info = {"kv_bytes": self._kv.nbytes if self._kv else 0,
                 "cuda_graphs": self._graphs is not None, "grouped_query_steps": self._grouped_query,
                 "packed_steps": self._packed_steps, "lean_decode": self._lean is not None,
-                "pack_arrivals": {None: False, 1: True}.get(self._pack_from, self._pack_from),
+                "pack_arrivals": self.config.pack_arrivals if self._pack_from else False,
                 "prepacked_linears": self._prepacked,
                 "prepack_kernel": self._prepack_kernel,
                 "int8_linears": self._quantized,
@@ -268,7 +268,7 @@ class CausalEngine(Engine):
         to the queue's head for the next step."""
         batch, total = [], 0
         for pending in admitted:
-            length = len(pending.prompt_ids) + len(pending.request.resume_ids)
+            length = len(pending.sequence)
             if batch and total + length > self.config.max_prefill_tokens:
                 break
             batch.append(pending)
@@ -279,7 +279,7 @@ class CausalEngine(Engine):
 
     def _prefill(self, admitted: list[Pending]) -> _Prefilled | None:
         batch = self._within_prefill_budget(admitted)
-        sequences = [p.prompt_ids + p.request.resume_ids for p in batch]
+        sequences = [p.sequence for p in batch]
         hit = self._prefixes.match(sequences) if self._prefixes is not None else None
         skip = hit[0] if hit else 0  # prompt tokens whose K/V come from the prefix cache
         self.stats.prefix_tokens += skip * len(batch)
@@ -512,7 +512,7 @@ class CausalEngine(Engine):
     def _seat(self, pending: Pending) -> tuple[int, _Row, list[int], tuple | None]:
         """Give a request packed into this step a slot and a span of columns that ends at the
         step's column: (slot, row, its sequence, its prefix cache hit)."""
-        sequence = pending.prompt_ids + pending.request.resume_ids
+        sequence = pending.sequence
         hit = self._prefixes.match([sequence]) if self._prefixes is not None else None
         span = len(sequence)
         if self._column + 1 < span:  # the prompt is longer than the batch's history
@@ -549,7 +549,7 @@ class CausalEngine(Engine):
         """Add the seated requests to `plan` as arrivals, after those it has (their cached
         prefixes copied into their slots): the token ids and positions they add to the step."""
         ids, positions = [], []
-        offset = sum(arrival.length for arrival in plan.arrivals)
+        offset = plan.arrival_tokens
         for slot, row, sequence, hit in seated:  # seated: columns no longer move this step
             skip = hit[0] if hit else 0
             if hit:
@@ -581,9 +581,7 @@ class CausalEngine(Engine):
             return None
         joining, later = [], []
         for pending in self._within_prefill_budget(self._admissible()):
-            seatable = (len(pending.prompt_ids) + len(pending.request.resume_ids)
-                        <= self._column + 1 and self._has_free_slot())
-            if seatable:
+            if len(pending.sequence) <= self._column + 1 and self._has_free_slot():
                 joining.append(self._seat(pending))
             else:
                 later.append(pending)
@@ -596,7 +594,7 @@ class CausalEngine(Engine):
         hidden = self._lean.prefill_layers(
             ids, positions, packing.packed_cache(self._kv.keys, self._kv.values, alone), alone,
             done)
-        base = sum(arrival.length for arrival in plan.arrivals)
+        base = plan.arrival_tokens
         plan.arrivals += [dataclasses.replace(a, offset=base + a.offset) for a in alone.arrivals]
         seated += joining
         self.stats.joined_midstep += len(joining)

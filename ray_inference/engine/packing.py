@@ -52,6 +52,11 @@ class PackedPlan:
     mask: torch.Tensor | None  # the batch rows' additive (rows, 1, 1, column + 1 - first) mask
     arrivals: list[Arrival]
 
+    @property
+    def arrival_tokens(self) -> int:
+        """The packed input's tokens after the batch rows: every arrival's new tokens."""
+        return sum(arrival.length for arrival in self.arrivals)
+
     def keep(self, device: torch.device) -> torch.Tensor:
         """The packed positions whose logits the step needs: every batch row, and each
         arrival's last prompt token."""
