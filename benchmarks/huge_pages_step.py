@@ -51,10 +51,8 @@ def main() -> None:
     for rows in (1, 64):
         steps = {}
         for name, (_, huge) in ways.items():
-            torch.manual_seed(rows)
+            torch.manual_seed(rows)  # the same ids and K/V values for both
             steps[name] = RandomStep.make(loaded.model, rows, huge)
-        first, second = steps.values()
-        first.copy_values_to(second)
         with torch.inference_mode():
             assert torch.equal(*(step(ways[name][0], steps[name]) for name in ways)), \
                 "the logits differ"

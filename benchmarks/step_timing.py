@@ -4,7 +4,6 @@ timing variants of it side by side in one process."""
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ import torch
 
 from ray_inference.engine import packing
 from ray_inference.engine.kv import SlotKV
+from ray_inference.timing import seconds_per_round
 
 FIRST, COLUMN = 10, 120  # the step attends over columns [FIRST, COLUMN]: 111 of them
 
@@ -39,11 +39,6 @@ class RandomStep:
         return cls(kv, plan, torch.randint(0, config.vocab_size, (rows,)),
                    torch.full((rows,), COLUMN - FIRST))
 
-    def copy_values_to(self, other: RandomStep) -> None:
-        for mine, theirs in zip(self.kv.keys + self.kv.values, other.kv.keys + other.kv.values,
-                                strict=True):
-            theirs.copy_(mine)
-
     def cache(self):
         return packing.packed_cache(self.kv.keys, self.kv.values, self.plan)
 
@@ -51,12 +46,6 @@ class RandomStep:
 def alternating_medians(runs: dict[str, Callable[[], object]], rounds: int,
                         calls: int) -> dict[str, float]:
     """Each run's median milliseconds a call over `rounds` rounds of `calls` calls, the runs'
-    order flipping every round (neither always goes first, into a warmer or colder cache)."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for round_ in range(rounds):
-        for name in sorted(runs, reverse=round_ % 2 == 1):
-            start = time.perf_counter()
-            for _ in range(calls):
-                runs[name]()
-            times[name].append((time.perf_counter() - start) / calls * 1000)
-    return {name: statistics.median(values) for name, values in times.items()}
+    order flipping every round (ray_inference.timing.seconds_per_round)."""
+    return {name: statistics.median(times) * 1000
+            for name, times in seconds_per_round(runs, rounds, calls).items()}

@@ -9,19 +9,27 @@ from collections.abc import Callable, Iterator
 import torch
 
 
+def seconds_per_round(runs: dict[str, Callable[[], object]], rounds: int,
+                      calls: int = 1) -> dict[str, list[float]]:
+    """Each run's seconds a call in each of `rounds` rounds of `calls` calls, the runs taking
+    turns within a round and their order flipping every round (none always goes first, into a
+    warmer or a colder cache)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(rounds):
+        for name in sorted(runs, reverse=round_ % 2 == 1):
+            started = time.perf_counter()
+            for _ in range(calls):
+                runs[name]()
+            times[name].append((time.perf_counter() - started) / calls)
+    return times
+
+
 def fastest_seconds(runs: dict[str, Callable[[], object]], rounds: int = 7) -> dict[str, float]:
-    """Each run's fastest of `rounds` rounds, the runs taking turns within a round (after one
-    call each, which builds their kernels): on a busy machine the minimum is the measurement
-    that other processes disturbed least."""
+    """Each run's fastest of `rounds` rounds (after one call each, which builds their kernels):
+    on a busy machine the minimum is the measurement that other processes disturbed least."""
     for run in runs.values():
         run()
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(rounds):
-        for name, run in runs.items():
-            started = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - started)
-    return best
+    return {name: min(times) for name, times in seconds_per_round(runs, rounds).items()}
 
 
 @contextlib.contextmanager
