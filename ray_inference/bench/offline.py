@@ -10,6 +10,7 @@ sequence ignored), so tok/s compare like for like; static batches pay for their 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 import time
@@ -44,8 +45,8 @@ class Row:
     latency: dict | None = None
     # What the first few failed requests said.
     error_samples: list[str] = field(default_factory=list)
-    # The same work's untimed first pass (`warm_up`): it met a cold process (heaps not yet
-    # grown, kernels not yet chosen for its shapes).
+    # The same work's untimed first pass (`warm_up`): it met a cold process (on a CPU the
+    # engine's heaps not yet grown: docs/benchmarks.md).
     first_pass_tok_s: float | None = None
 
     @classmethod
@@ -340,8 +341,9 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
     for name, count, step in steps:
         first = step(progress(f"{name} warm-up", count) if progress else _no_tick) \
             if warm_up else None
-        rows.append(step(progress(name, count) if progress else _no_tick))
-        rows[-1].first_pass_tok_s = first.tok_s if first else None
+        row = step(progress(name, count) if progress else _no_tick)
+        row.first_pass_tok_s = first.tok_s if first else None
+        rows.append(row)
     table(rows, echo)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -375,9 +377,9 @@ def _steps(work: Workload, concurrency: list[int], sequential: int, requests_per
         engine_loaded = loaded.own_copy()
         # (a) is the seed's way, float32 included: here it is also the faster dtype for one
         # request at a time (docs/benchmarks.md), so the ratios to (a) do not flatter the
-        # engine.
-        steps.append(("a", alone,
-                      lambda tick: one_at_a_time(_in_float32(loaded, spec), first, tick)))
+        # engine. Loaded when (a) first runs, once for its warm-up and timed passes.
+        seed_model = functools.cache(lambda: _in_float32(loaded, spec))
+        steps.append(("a", alone, lambda tick: one_at_a_time(seed_model(), first, tick)))
         # One client at a time: the single-request time to first token the others are held to.
         steps.append(("c1", alone,
                       lambda tick: engine_run(engine_loaded, first, 1, tick, settings)))

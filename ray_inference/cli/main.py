@@ -506,9 +506,9 @@ def _progress_bar(variant: str, requests: int):
 @click.pass_context
 def bench(ctx: click.Context, concurrency: tuple[int, ...], answer_tokens: tuple[int, int],
           prompt_tokens: tuple[int, int] | None, sampling: Sampling, sequential: int,
-          requests_per_client: int,
-          seed: int, warm_up: bool, gateway_url: str | None, http_only: bool, model: str, hf_continuous: bool,
-          quantize: str, kv_cache_dtype: str, out: str | None) -> None:
+          requests_per_client: int, seed: int, warm_up: bool, gateway_url: str | None,
+          http_only: bool, model: str, hf_continuous: bool, quantize: str, kv_cache_dtype: str,
+          out: str | None) -> None:
     """Benchmark SmolLM2 side by side in one run: HF one at a time (a), HF static batches (b),
     the rayinfer engine (c) and, with --gateway, the full stack over HTTP (d); prints tok/s,
     p50 time to first token and ratios to (a) and (b), then req/s and p50/p90/p99 latencies.
