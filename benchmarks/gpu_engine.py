@@ -194,7 +194,8 @@ ENGINE_DEFAULTS = dict(dtype="auto", max_batch_size=64, max_queue=256, max_token
                        prepack_weights=True,
                        quantize="none", int4_max_rows="auto", kv_cache_dtype="auto",
                        stream_messages_per_s=100,
-                       openmp_spin_count=3_000_000, huge_pages=True)
+                       openmp_spin_count=3_000_000, huge_pages=True,
+                       kv_cache_keep_s=300)
 
 
 def engine_run(loaded, prompts, lengths, batch, graphs, overlap=None, our_attention=True,

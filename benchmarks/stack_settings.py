@@ -2,8 +2,9 @@
 worker` with every core, restarted for each value of one `engine.` setting in turn (values
 alternate, round after round), each time driven over HTTP by `rayinfer bench`'s load generator
 with the workload `rayinfer bench` gives its (d) rows (2 requests per client, 64-128 new
-tokens, seed 0: the same prompts and lengths as benchmarks/run_cpu.sh). Prints tok/s and p50
-time to first token per run, then the medians and their ratio to the first value's.
+tokens, seed 0: the same prompts and lengths as benchmarks/run_cpu.sh), after an untimed pass
+of the same requests (--no-warm-up: without). Prints tok/s and p50 time to first token per
+run, then the medians and their ratio to the first value's.
 
     .venv/bin/python benchmarks/stack_settings.py openmp_spin_count 3000000 null -c 64 \\
         --rounds 2 --out benchmarks/results/stack-openmp-spin-count.json
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("-c", "--concurrency", type=int, action="append")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                        help="time each worker's first pass (default: a pass untimed first)")
     parser.add_argument("--set", dest="fixed", action="append", default=[],
                         metavar="FIELD=VALUE", help="another engine: key's value in every run")
     args = parser.parse_args()
@@ -53,6 +56,8 @@ def main() -> None:
                 with head_and_worker(Path(directory), {
                         **fixed, args.setting: value, "max_batch_size": max(concurrency)}) as url:
                     for c in concurrency:
+                        if args.warm_up:  # untimed, as `rayinfer bench` warms each variant
+                            gateway_run(url, "smollm2", work.head(2 * c), c, None)
                         row = gateway_run(url, "smollm2", work.head(2 * c), c, None)
                         runs.append({"value": value, "round": round_, **row.to_dict()})
                         print(f"round {round_}  {args.setting}={value!s:10}  {c:3d} clients  "

@@ -122,6 +122,25 @@ def test_an_engine_row_names_int8_only_where_the_engine_took_it(tiny_llama):
     assert row.tokens >= 6
 
 
+def test_the_engine_variant_keeps_one_engine_through_its_warm_up_and_timed_pass(tiny_llama):
+    """As the full stack's worker keeps its engine (and its KV cache) between (d)'s passes,
+    (c)'s timed pass runs on the engine its warm-up used, which is shut down after it."""
+    from ray_inference.bench.offline import EngineVariant
+    from ray_inference.bench.prompts import Workload
+    from ray_inference.models import loader, registry
+
+    loaded = loader.load(registry.resolve(tiny_llama), "float32")
+    work = Workload.draw(4, (3, 4), 0, None, loaded.tokenizer)
+    variant = EngineVariant(loaded, work, 2, passes=2)
+    first = variant()
+    engine = variant._engine
+    assert engine is not None and engine.stats.requests == 4
+    second = variant()
+    assert engine.stats.requests == 8 and variant._engine is None
+    assert not engine._thread.is_alive()  # shut down
+    assert first.tokens == second.tokens >= 12
+
+
 def test_engine_rows_name_the_engines_numerics_and_settings_scripts_take_fixed_fields():
     from benchmarks.fixed_settings import parse
     from ray_inference.bench.offline import describe_settings

@@ -6,6 +6,7 @@ import asyncio
 import copy
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -536,6 +537,47 @@ def test_slots_of_finished_rows_are_reused_without_changing_answers(model_dir, o
     assert_all_match_generate(loaded, engine, prompts)
     assert engine.stats.max_batch == 4
     assert engine.load() == {"running": 0, "waiting": 0}
+    engine.shutdown()
+
+
+def held_kv_bytes(engine, within_s: float = 10.0, until=None) -> int:
+    """The engine's KV cache bytes, polled until `until(bytes)` holds (the engine thread frees
+    or keeps its cache just after a request's last chunk goes out)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        held = engine.describe()["kv_bytes"]
+        if until is None or until(held) or time.monotonic() > deadline:
+            return held
+        time.sleep(0.01)
+
+
+def test_an_emptied_batch_keeps_its_cache_for_the_next_requests(model_dir):
+    """Allocating a CPU cache again after every burst costs page faults (seconds on huge
+    pages): the buffers are kept, and rows that take the old slots read nothing of the old
+    batch, so the next answers are exact."""
+    loaded, engine = load(model_dir, "tiny-llama", sharpen=True, max_batch_size=3,
+                          kv_cache_keep_s=60)
+    engine._eos = set()
+    assert_all_match_generate(loaded, engine, [("the cat is a dog of no", 150), ("red", 40),
+                                               ("what is the capital", 90)])
+    time.sleep(0.2)
+    cache = engine._kv
+    assert held_kv_bytes(engine) == cache.nbytes > 0
+    assert_all_match_generate(loaded, engine, [("hello", 20), ("blue green red", 60)])
+    assert engine._kv is cache and engine.stats.kv_bytes_peak == cache.nbytes
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("keep_s", [0, 0.3])
+def test_an_idle_engine_frees_its_cache_after_kv_cache_keep_s(model_dir, keep_s):
+    _, engine = load(model_dir, "tiny-llama", kv_cache_keep_s=keep_s)
+    run(engine, prompt="red", temperature=0, max_tokens=5)
+    ended = time.monotonic()
+    assert held_kv_bytes(engine, until=lambda held: held == 0) == 0
+    assert time.monotonic() - ended >= keep_s
+    # It allocates again for the next request.
+    assert len([t for c in run(engine, prompt="red", temperature=0, max_tokens=5)
+                for t in c.token_ids]) == 5
     engine.shutdown()
 
 

@@ -128,14 +128,51 @@ def describe_settings(config) -> str:
 
 def engine_run(loaded, work: Workload, concurrency: int, tick: Tick = _no_tick,
                settings: dict | None = None) -> Row:
-    """(c): `concurrency` clients against the engine; `settings` are further EngineConfig
+    """(c): `concurrency` clients against a new engine; `settings` are further EngineConfig
     fields (benchmarks/engine_settings.py compares them)."""
-    from ray_inference.config import EngineConfig
-    from ray_inference.engine import GenerationRequest, create_engine
+    return EngineVariant(loaded, work, concurrency, settings)(tick)
 
-    config = EngineConfig(max_batch_size=concurrency, max_queue=len(work.lengths) + 1,
-                          **(settings or {}))
-    engine = create_engine(loaded, config)
+
+class EngineVariant:
+    """(c) at one concurrency, run `passes` times (the warm-up, then the timed pass) on one
+    engine, as a server keeps its engine between bursts: its KV cache stays allocated
+    (`engine.kv_cache_keep_s`), as the full stack's worker keeps it between (d)'s passes. The
+    engine is shut down after the last pass."""
+
+    def __init__(self, loaded, work: Workload, concurrency: int, settings: dict | None = None,
+                 passes: int = 1):
+        from ray_inference.config import EngineConfig
+
+        self._loaded, self._work, self._concurrency = loaded, work, concurrency
+        self._config = EngineConfig(max_batch_size=concurrency,
+                                    max_queue=len(work.lengths) + 1, **(settings or {}))
+        self._passes = passes
+        self._engine = None
+
+    def __call__(self, tick: Tick = _no_tick) -> Row:
+        from ray_inference.engine import create_engine
+
+        if self._engine is None:
+            self._engine = create_engine(self._loaded, self._config)
+        engine = self._engine
+        result = _drive(engine, self._work, self._concurrency, tick)
+        # As it ran: a CPU without fast int8 products declines int8 (engine/quantize.py).
+        config = self._config
+        took = config.model_copy(update={"quantize": config.quantize
+                                         if engine.describe().get("int8_linears") else "none"})
+        self._passes -= 1
+        if self._passes <= 0:
+            engine.shutdown()
+            self._engine = None
+        kind = describe_settings(took)
+        kind = f" ({kind})" if kind else ""
+        return Row.from_load(f"c: rayinfer engine{kind}, {self._concurrency} clients", result)
+
+
+def _drive(engine, work: Workload, concurrency: int, tick: Tick) -> LoadResult:
+    """`concurrency` clients, each sending its next request when the previous one ends."""
+    from ray_inference.engine import GenerationRequest
+
     result = LoadResult(concurrency)
     lock = threading.Lock()
     start = time.perf_counter()
@@ -152,7 +189,6 @@ def engine_run(loaded, work: Workload, concurrency: int, tick: Tick = _no_tick,
             result.record(submitted, first, last, tokens, cold)
             tick(1)
 
-    # `concurrency` clients, each sending its next request when the previous one ends.
     pending = list(zip(work.messages, work.lengths, strict=True))
     pending.reverse()
 
@@ -176,13 +212,7 @@ def engine_run(loaded, work: Workload, concurrency: int, tick: Tick = _no_tick,
     for thread in threads:
         thread.join()
     result.seconds = time.perf_counter() - start
-    # As it ran: a CPU without fast int8 products declines int8 (engine/quantize.py).
-    took = config.model_copy(update={"quantize": config.quantize
-                                     if engine.describe().get("int8_linears") else "none"})
-    engine.shutdown()
-    kind = describe_settings(took)
-    kind = f" ({kind})" if kind else ""
-    return Row.from_load(f"c: rayinfer engine{kind}, {concurrency} clients", result)
+    return result
 
 
 def gateway_run(url: str, model: str, work: Workload, concurrency: int,
@@ -336,7 +366,8 @@ def run(concurrency: list[int], min_tokens: int, max_tokens: int, sequential: in
                                                          if url else {})}
     local = None if http_only else (loaded, spec, engine_settings, hf_cb)
     gateway = (url, model, api_key) if url else None
-    steps = _steps(work, concurrency, sequential, requests_per_client, local, gateway)
+    steps = _steps(work, concurrency, sequential, requests_per_client, local, gateway,
+                   passes=2 if warm_up else 1)
     rows = []
     for name, count, step in steps:
         first = step(progress(f"{name} warm-up", count) if progress else _no_tick) \
@@ -364,10 +395,12 @@ Step = tuple[str, int, Callable[[Tick], Row]]
 
 
 def _steps(work: Workload, concurrency: list[int], sequential: int, requests_per_client: int,
-           local: tuple | None, gateway: tuple[str, str, str | None] | None) -> list[Step]:
+           local: tuple | None, gateway: tuple[str, str, str | None] | None,
+           passes: int = 1) -> list[Step]:
     """The variants in the order they run: one client first, then each concurrency.
     `local`: (loaded, spec, engine_settings, hf_cb) for (a), (b), (c) and (e); `gateway`:
-    (url, model, api_key) for (d)."""
+    (url, model, api_key) for (d); `passes`: how often each step is called (2 with a
+    warm-up), so that (c) keeps one engine through them."""
     first = work.head(sequential)  # may hold fewer than `sequential`: the workload is short
     alone = len(first.lengths)
     steps: list[Step] = []
@@ -381,8 +414,7 @@ def _steps(work: Workload, concurrency: list[int], sequential: int, requests_per
         seed_model = functools.cache(lambda: _in_float32(loaded, spec))
         steps.append(("a", alone, lambda tick: one_at_a_time(seed_model(), first, tick)))
         # One client at a time: the single-request time to first token the others are held to.
-        steps.append(("c1", alone,
-                      lambda tick: engine_run(engine_loaded, first, 1, tick, settings)))
+        steps.append(("c1", alone, EngineVariant(engine_loaded, first, 1, settings, passes)))
     if gateway:
         url, model, key = gateway
         steps.append(("d1", alone, lambda tick: gateway_run(url, model, first, 1, key, tick)))
@@ -392,8 +424,8 @@ def _steps(work: Workload, concurrency: list[int], sequential: int, requests_per
         if local:
             steps.append((f"b{c}", count, lambda tick, part=part, c=c:
                           static_batches(loaded, part, c, tick)))
-            steps.append((f"c{c}", count, lambda tick, part=part, c=c:
-                          engine_run(engine_loaded, part, c, tick, settings)))
+            steps.append((f"c{c}", count,
+                          EngineVariant(engine_loaded, part, c, settings, passes)))
             if hf_cb:
                 steps.append((f"e{c}", count, lambda tick, part=part, c=c:
                               hf_continuous(loaded, part, c, tick)))

@@ -330,7 +330,8 @@ class Engine:
         while True:
             with self._wake:
                 while not self._stopping and not self._waiting and not self._running:
-                    self._wake.wait()
+                    if not self._wake.wait(self.idle_wait_s()):
+                        self.release_idle()
                 if self._stopping and not self._waiting and not self._running:
                     return
             try:
@@ -352,3 +353,11 @@ class Engine:
 
     def reset(self) -> None:
         """Forget batch state after a failure (subclasses drop their caches)."""
+
+    def idle_wait_s(self) -> float | None:
+        """How long the idle engine thread may sleep before `release_idle` is due; None: until
+        a request comes."""
+        return None
+
+    def release_idle(self) -> None:
+        """Free what an idle engine kept for the next requests (called on its thread)."""

@@ -79,6 +79,7 @@ class CausalEngine(Engine):
         self._cache_arg = cache_keyword(self._model)
         self._rows: list[_Row | None] = []
         self._kv: SlotKV | None = None
+        self._emptied_at = 0.0  # when the batch last emptied (monotonic), see reset()
         self._column = 0  # the column the next decode step writes, shared by every slot
         self._positions: torch.Tensor | None = None  # next position id per slot
         self._last: torch.Tensor | None = None  # last sampled token per slot
@@ -707,7 +708,7 @@ class CausalEngine(Engine):
         while self._rows and self._rows[-1] is None:
             self._rows.pop()
         if not self._rows:
-            self.reset()
+            self.reset(keep_cache=True)
 
     def _compaction_pays(self) -> bool:
         """On CPU every idle slot costs compute; a graph costs the same for any row count
@@ -724,12 +725,29 @@ class CausalEngine(Engine):
         if self._grouped_query:
             packing.disable(self._model)
 
-    def reset(self) -> None:
+    def reset(self, keep_cache: bool = False) -> None:
+        """Forget the batch. A GPU keeps its buffers and graphs; a CPU engine's memory goes
+        back, unless `keep_cache` (the batch emptied, nothing failed): then its buffers wait
+        `engine.kv_cache_keep_s` for the next requests (every slot is written afresh when a
+        row takes it, so nothing of the old batch is read)."""
         self._rows, self._running, self._column = [], [], 0
         self._prefilled_midstep = None
         self._launched = None  # only rows that already left can still be in it
-        if self._graphs is None:  # CPU memory goes back; a GPU keeps its buffers and graphs
-            self._kv = self._positions = self._last = None
+        self._emptied_at = time.monotonic()
+        if self._graphs is None and not (keep_cache and self.config.kv_cache_keep_s):
+            self._release_cache()
+
+    def idle_wait_s(self) -> float | None:
+        if self._graphs is not None or self._kv is None or self._rows:
+            return None
+        return max(0.0, self._emptied_at + self.config.kv_cache_keep_s - time.monotonic())
+
+    def release_idle(self) -> None:
+        if self._graphs is None and not self._rows:
+            self._release_cache()
+
+    def _release_cache(self) -> None:
+        self._kv = self._positions = self._last = None
 
 
 def _pack_from(setting: int | bool) -> int | None:
