@@ -194,7 +194,8 @@ class CausalEngine(Engine):
 
     def describe(self) -> dict:
         """What the engine runs on, for logs and benchmarks."""
-        info = {"kv_bytes": self._kv.nbytes if self._kv else 0,
+        kv = self._kv  # read once: the engine thread may free it meanwhile
+        info = {"kv_bytes": kv.nbytes if kv else 0,
                 "cuda_graphs": self._graphs is not None, "grouped_query_steps": self._grouped_query,
                 "packed_steps": self._packed_steps, "lean_decode": self._lean is not None,
                 "pack_arrivals": self.config.pack_arrivals if self._pack_from else False,
