@@ -4,13 +4,19 @@ Used by the gateway, inside the head's Ray driver. The coordinator chooses the a
 module calls it directly (a Ray stream cannot be handed on) and, when the actor dies before or
 while answering, reports it and resumes on another actor from the tokens already sent, so the
 caller never sees the failure (within `router.max_attempts`).
+
+The chunks of all of this router's requests on one actor come over one Ray stream
+(`ActorChannel`, the actor's `stream_to`), one message per engine hand-over for all of them,
+and are dealt out to each request by its stream id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +36,8 @@ class Router:
         self._namespace = namespace
         self._max_attempts = max_attempts
         self._coordinator = None
+        self._caller = uuid.uuid4().hex  # this router, to the actors it streams from
+        self._channels: dict[str, ActorChannel] = {}
 
     def coordinator(self):
         if self._coordinator is None:
@@ -53,11 +61,16 @@ class Router:
             route = await self.call("pick", model, exclude)
             handle = route.pop("handle")
             payload = {**request, "resume_ids": sent_ids}
-            generator = handle.generate.remote(payload, route)
+            channel = self._channel(route["actor_id"], handle)
+            stream_id = uuid.uuid4().hex
+            chunks = channel.open(stream_id)
             finished = False
             try:
-                async for ref in generator:
-                    chunk = await ref
+                await handle.submit.remote(self._caller, stream_id, payload, route)
+                while not finished:
+                    chunk = await chunks.get()
+                    if isinstance(chunk, BaseException):
+                        raise chunk
                     sent_ids.extend(chunk["token_ids"])
                     chunk["route"], chunk["retries"] = route, retries
                     finished = chunk["finish_reason"] is not None
@@ -82,9 +95,21 @@ class Router:
                 raise
             except (asyncio.CancelledError, GeneratorExit):
                 if not finished:
-                    ray.cancel(generator)
+                    handle.cancel.remote(stream_id)
                 await asyncio.shield(self.call("release", route["actor_id"], False))
                 raise
+            finally:
+                channel.close(stream_id)
+
+    def _channel(self, actor_id: str, handle) -> ActorChannel:
+        """This router's open stream from that actor, opened now if it has none (or it ended,
+        or it belongs to another event loop)."""
+        loop = asyncio.get_running_loop()
+        channel = self._channels.get(actor_id)
+        if channel is None or channel.ended or channel.loop is not loop:
+            self._channels = {key: c for key, c in self._channels.items() if not c.ended}
+            channel = self._channels[actor_id] = ActorChannel(handle, self._caller, loop)
+        return channel
 
     async def complete(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
         """Run a request to the end; returns the joined text, usage and route."""
@@ -95,3 +120,45 @@ class Router:
             last = chunk
         assert last is not None
         return {**last, "text": "".join(text), "elapsed_s": time.perf_counter() - started}
+
+
+class ActorChannel:
+    """One actor's stream of this router's chunks, read by a task of its own and dealt out to
+    each request's queue. When it fails (the actor died) every request on it gets the error."""
+
+    def __init__(self, handle, caller: str, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.ended = False
+        self.messages = self.chunks = 0  # received so far: messages carry several chunks
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._generator = handle.stream_to.remote(caller)
+        self._reader = loop.create_task(self._read())
+
+    def open(self, stream_id: str) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[stream_id] = queue
+        return queue
+
+    def close(self, stream_id: str) -> None:
+        self._queues.pop(stream_id, None)
+
+    async def _read(self) -> None:
+        try:
+            async for ref in self._generator:
+                batch = await ref
+                self.messages += 1
+                self.chunks += len(batch)
+                for stream_id, item in batch:
+                    queue = self._queues.get(stream_id)
+                    if queue is not None:  # else the request was given up: dropped
+                        queue.put_nowait(item)
+            error: BaseException = RuntimeError("the actor ended its stream")
+        except asyncio.CancelledError:  # this router's event loop ends: so does the stream
+            with contextlib.suppress(Exception):  # Ray may be shutting down too
+                ray.cancel(self._generator)
+            raise
+        except Exception as exc:  # each request decides what it means (ACTOR_GONE: fail over)
+            error = exc
+        self.ended = True
+        for queue in self._queues.values():
+            queue.put_nowait(error)

@@ -77,6 +77,58 @@ def test_identical_greedy_answers_across_workers(resilient):
     assert len({r["text"] for r in results}) == 1
 
 
+def test_an_actors_requests_share_one_stream_to_the_router(resilient):
+    """The chunks of all the router's requests on an actor come over one Ray stream, several
+    to a message (the engine hands a step's tokens to every request at once)."""
+    router = Router("rayinfer", max_attempts=3)
+
+    async def one(i):
+        request = {"prompt": "hello world the cat", "temperature": 0, "max_tokens": 40,
+                   "ignore_eos": True, "request_id": f"shared{i}"}
+        return [chunk async for chunk in router.stream(MODEL, request)]
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(12)))
+
+    answers = asyncio.run(main())
+    assert all(sum(len(c["token_ids"]) for c in chunks) == 40 for chunks in answers)
+    channels = list(router._channels.values())
+    assert 1 <= len(channels) <= 3  # one per actor that answered
+    assert sum(c.chunks for c in channels) == sum(len(chunks) for chunks in answers)
+    assert sum(c.messages for c in channels) < sum(c.chunks for c in channels)
+
+
+def test_a_request_given_up_midway_is_cancelled_on_its_actor(resilient):
+    """A client that goes away (the gateway closes its stream) stops the answer: the actor's
+    engine makes no more of its tokens."""
+    router = Router("rayinfer", max_attempts=3)
+    handles = [h for _, agent in resilient.workers for h in agent.handles]
+
+    def described() -> list[dict]:
+        return ray.get([h.describe.remote() for h in handles])
+
+    before = sum(d["engine"]["tokens"] for d in described())
+
+    async def main():
+        stream = router.stream(MODEL, {"prompt": "the cat", "temperature": 0, "max_tokens": 240,
+                                       "ignore_eos": True, "request_id": "given-up"})
+        first = await anext(stream)
+        await stream.aclose()
+        # The router's stream from that actor stays open: only this request is to end.
+        deadline = time.monotonic() + 30
+        now = await asyncio.to_thread(described)
+        while any(d["running"] for d in now) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            now = await asyncio.to_thread(described)
+        assert not any(c.ended for c in router._channels.values())
+        return first, now
+
+    first, now = asyncio.run(main())
+    assert first["finish_reason"] is None
+    assert not any(d["running"] for d in now)
+    assert sum(d["engine"]["tokens"] for d in now) - before < 240
+
+
 def test_third_worker_joins_and_gets_traffic(resilient):
     _, agent = resilient.add_worker()
     new_actor = agent.actor_ids[0]

@@ -1,7 +1,10 @@
 """The inference actor: one loaded model and its engine, pinned to a worker node.
 
-It is an asyncio actor: `generate` is an async generator (a Ray streaming generator), so
-tokens flow to the caller as they are made, while the engine's own thread runs the batch.
+It is an asyncio actor; the engine's own thread runs the batch. A caller (the gateway's
+router) opens one stream per actor (`stream_to`, a Ray streaming generator) and submits
+requests to it (`submit`): each message of that stream carries the chunks that every one of
+the caller's requests got since the last, so an actor sends one Ray message per engine
+hand-over instead of one per request (each costs the actor, Ray and the gateway CPU time).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class InferenceActor:
             "huge_page_bytes": self._engine.huge_page_bytes,  # weights moved onto 2 MB pages
         }
         self._served = 0
+        self._outboxes: dict[str, _CallerOutbox] = {}  # caller -> chunks not yet sent to it
+        self._streams: dict[str, tuple[str, str]] = {}  # stream id -> (caller, request id)
+        self._forwarding: set[asyncio.Task] = set()
         logs.event(log, "model loaded", **{k: self._info[k] for k in (
             "model", "task", "device", "dtype", "numerics", "parameters", "load_s")},
                    rss_mb=logs.rss_bytes() // 2**20, huge_pages_mb=self._engine.huge_page_bytes >> 20)
@@ -62,18 +68,51 @@ class InferenceActor:
     def ping(self) -> bool:
         return True
 
-    async def generate(self, request: dict[str, Any], route: dict[str, Any] | None = None):
-        """Stream the chunks of one request (dicts of engine.types.Chunk)."""
-        route = route or {}
+    async def stream_to(self, caller: str):
+        """The stream of `caller`'s requests: each message a list of (stream id, chunk dict of
+        engine.types.Chunk, or the exception that ended that request). Ending it (the caller
+        cancels it, or goes away) cancels the caller's requests still running."""
+        outbox = self._outboxes.setdefault(caller, _CallerOutbox())
+        try:
+            while True:
+                yield await outbox.take()
+        finally:
+            self._outboxes.pop(caller, None)
+            for stream_id, (owner, _) in list(self._streams.items()):
+                if owner == caller:
+                    self.cancel(stream_id)
+
+    async def submit(self, caller: str, stream_id: str, request: dict[str, Any],
+                     route: dict[str, Any] | None = None) -> None:
+        """Start a request whose chunks go out on `caller`'s stream under `stream_id`; a
+        request the engine refuses (bad input, a full queue) raises here."""
         parsed = GenerationRequest.from_dict(request)
         stream = self._engine.submit(parsed, asyncio.get_running_loop())
+        outbox = self._outboxes.setdefault(caller, _CallerOutbox())
+        self._streams[stream_id] = (caller, parsed.request_id)
+        task = asyncio.get_running_loop().create_task(
+            self._forward(stream_id, parsed, stream, outbox, route or {}))
+        self._forwarding.add(task)  # the loop keeps only weak references to its tasks
+        task.add_done_callback(self._forwarding.discard)
+
+    def cancel(self, stream_id: str) -> None:
+        """The caller gave up on a request (its client went away)."""
+        entry = self._streams.get(stream_id)
+        if entry:
+            self._engine.cancel(entry[1])
+
+    async def _forward(self, stream_id: str, parsed: GenerationRequest, stream, outbox,
+                       route: dict[str, Any]) -> None:
         started = time.perf_counter()
         last = None
         try:
             async for chunk in stream.paced(self._stream_pause):
                 last = chunk
-                yield chunk.to_dict()
+                outbox.put(stream_id, chunk.to_dict())
+        except Exception as exc:  # the engine failed the request: the caller raises it
+            outbox.put(stream_id, exc)
         finally:
+            self._streams.pop(stream_id, None)
             if not stream.finished:
                 self._engine.cancel(parsed.request_id)
             self._served += 1
@@ -105,3 +144,25 @@ class InferenceActor:
 
     def stop(self) -> None:
         self._engine.shutdown()
+
+
+class _CallerOutbox:
+    """The chunks waiting for one caller's stream."""
+
+    def __init__(self):
+        self._items: list[tuple[str, Any]] = []
+        self._ready = asyncio.Event()
+
+    def put(self, stream_id: str, item: Any) -> None:
+        self._items.append((stream_id, item))
+        self._ready.set()
+
+    async def take(self) -> list[tuple[str, Any]]:
+        """Everything put so far, once there is something. The engine hands a step's chunks
+        to every request's task at once; one turn of the event loop lets them all put theirs
+        before the message goes."""
+        await self._ready.wait()
+        await asyncio.sleep(0)
+        self._ready.clear()
+        items, self._items = self._items, []
+        return items
