@@ -36,7 +36,6 @@ class Router:
         self._namespace = namespace
         self._max_attempts = max_attempts
         self._coordinator = None
-        self._caller = uuid.uuid4().hex  # this router, to the actors it streams from
         self._channels: dict[str, ActorChannel] = {}
 
     def coordinator(self):
@@ -66,7 +65,7 @@ class Router:
             chunks = channel.open(stream_id)
             finished = False
             try:
-                await handle.submit.remote(self._caller, stream_id, payload, route)
+                await handle.submit.remote(channel.caller, stream_id, payload, route)
                 while not finished:
                     chunk = await chunks.get()
                     if isinstance(chunk, BaseException):
@@ -108,7 +107,7 @@ class Router:
         channel = self._channels.get(actor_id)
         if channel is None or channel.ended or channel.loop is not loop:
             self._channels = {key: c for key, c in self._channels.items() if not c.ended}
-            channel = self._channels[actor_id] = ActorChannel(handle, self._caller, loop)
+            channel = self._channels[actor_id] = ActorChannel(handle, loop)
         return channel
 
     async def complete(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -126,12 +125,15 @@ class ActorChannel:
     """One actor's stream of this router's chunks, read by a task of its own and dealt out to
     each request's queue. When it fails (the actor died) every request on it gets the error."""
 
-    def __init__(self, handle, caller: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, handle, loop: asyncio.AbstractEventLoop):
+        # Whom the actor streams to: one id per channel, so a channel that ends (and the actor
+        # cancelling what was sent on it) never touches the one that replaces it.
+        self.caller = uuid.uuid4().hex
         self.loop = loop
         self.ended = False
         self.messages = self.chunks = 0  # received so far: messages carry several chunks
         self._queues: dict[str, asyncio.Queue] = {}
-        self._generator = handle.stream_to.remote(caller)
+        self._generator = handle.stream_to.remote(self.caller)
         self._reader = loop.create_task(self._read())
 
     def open(self, stream_id: str) -> asyncio.Queue:
