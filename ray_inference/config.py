@@ -163,7 +163,7 @@ class EngineConfig(_Section):
     huge_pages: bool = True
     # Seconds a CPU engine whose batch emptied keeps its KV cache's buffers for the requests
     # that come next, instead of allocating (and faulting in) them again: growing a 64-request
-    # cache onto huge pages stalled every running request 0.8-2 s. 0 frees them at once; GPU
+    # cache onto huge pages stalled every running request 1.5-2.2 s. 0 frees them at once; GPU
     # engines always keep theirs.
     kv_cache_keep_s: float = Field(300, ge=0)
 

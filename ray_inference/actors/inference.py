@@ -72,7 +72,7 @@ class InferenceActor:
         """The stream of `caller`'s requests: each message a list of (stream id, chunk dict of
         engine.types.Chunk, or the exception that ended that request). Ending it (the caller
         cancels it, or goes away) cancels the caller's requests still running."""
-        outbox = self._outboxes.setdefault(caller, _CallerOutbox())
+        outbox = self._outbox(caller)
         try:
             while True:
                 yield await outbox.take()
@@ -88,12 +88,16 @@ class InferenceActor:
         request the engine refuses (bad input, a full queue) raises here."""
         parsed = GenerationRequest.from_dict(request)
         stream = self._engine.submit(parsed, asyncio.get_running_loop())
-        outbox = self._outboxes.setdefault(caller, _CallerOutbox())
+        outbox = self._outbox(caller)
         self._streams[stream_id] = (caller, parsed.request_id)
         task = asyncio.get_running_loop().create_task(
             self._forward(stream_id, parsed, stream, outbox, route or {}))
         self._forwarding.add(task)  # the loop keeps only weak references to its tasks
         task.add_done_callback(self._forwarding.discard)
+
+    def _outbox(self, caller: str) -> _CallerOutbox:
+        """Made by whichever comes first, the caller's stream or its first request."""
+        return self._outboxes.setdefault(caller, _CallerOutbox())
 
     def cancel(self, stream_id: str) -> None:
         """The caller gave up on a request (its client went away)."""

@@ -736,18 +736,14 @@ class CausalEngine(Engine):
         self._launched = None  # only rows that already left can still be in it
         self._emptied_at = time.monotonic()
         if self._graphs is None and not (keep_cache and self.config.kv_cache_keep_s):
-            self._release_cache()
+            self.release_idle()
 
     def idle_wait_s(self) -> float | None:
         if self._graphs is not None or self._kv is None or self._rows:
             return None
         return max(0.0, self._emptied_at + self.config.kv_cache_keep_s - time.monotonic())
 
-    def release_idle(self) -> None:
-        if self._graphs is None and not self._rows:
-            self._release_cache()
-
-    def _release_cache(self) -> None:
+    def release_idle(self) -> None:  # only ever due on CPU, with the batch empty
         self._kv = self._positions = self._last = None
 
 
